@@ -1,0 +1,121 @@
+"""Reading adapter files safely: size-limited JSON and checked safetensors. Never pickle.
+
+`read_safetensors` parses and checks the header itself (length, JSON, dtypes, shapes,
+offsets that tile the data exactly) before any tensor is materialized, then checks
+values for NaN/Inf.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from .errors import AdapterError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
+
+
+@dataclass(frozen=True)
+class FileLimits:
+    max_file_bytes: int = 2 * 1024**3
+    max_header_bytes: int = 16 * 1024**2
+    max_json_bytes: int = 1024**2
+    max_tensors: int = 100_000
+
+
+def refuse_pickles(folder: Path) -> None:
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterError(
+                f"{path}: pickle-based weight files ({path.suffix}) are refused; "
+                "polyhead reads safetensors only (convert it and remove this file)"
+            )
+
+
+def read_json(path: Path, limits: FileLimits) -> dict:
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing")
+    size = path.stat().st_size
+    if size > limits.max_json_bytes:
+        raise AdapterError(f"{path}: {size} bytes, over the {limits.max_json_bytes}-byte limit for a config file")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_safetensors(path: Path, limits: FileLimits) -> dict[str, torch.Tensor]:
+    """All tensors of a checked safetensors file, as float32 CPU tensors."""
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing")
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise AdapterError(f"{path}: {size} bytes, over the {limits.max_file_bytes}-byte adapter file limit")
+    if size < 8:
+        raise AdapterError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > limits.max_header_bytes:
+        raise AdapterError(f"{path}: safetensors header of {header_len} bytes, over the {limits.max_header_bytes}-byte limit")
+    if 8 + header_len > size:
+        raise AdapterError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has {size - 8})")
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    if len(header) > limits.max_tensors:
+        raise AdapterError(f"{path}: {len(header)} tensors, over the {limits.max_tensors}-tensor limit")
+    spans = []
+    for name, entry in header.items():
+        spans.append(_check_entry(path, name, entry))
+    body = size - 8 - header_len
+    spans.sort()
+    cursor = 0
+    for start, end, name in spans:
+        if start != cursor:
+            raise AdapterError(f"{path}: tensor '{name}' data does not follow the previous tensor (offset {start}, expected {cursor})")
+        cursor = end
+    if cursor != body:
+        raise AdapterError(f"{path}: truncated or padded safetensors file: tensors cover {cursor} bytes, data section has {body}")
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as exc:  # the library's own parse errors are bad input too
+        raise AdapterError(f"{path}: unreadable safetensors file: {exc}") from exc
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{path}: tensor '{name}' contains NaN or Inf values")
+        out[name] = tensor
+    return out
+
+
+def _check_entry(path: Path, name: str, entry) -> tuple[int, int, str]:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise AdapterError(f"{path}: tensor '{name}' has a malformed header entry")
+    dtype = entry["dtype"]
+    if dtype not in DTYPES:
+        raise AdapterError(f"{path}: tensor '{name}' has dtype {dtype}; allowed: {', '.join(DTYPES)}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise AdapterError(f"{path}: tensor '{name}' has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
+        raise AdapterError(f"{path}: tensor '{name}' has invalid data offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    start, end = offsets
+    if end - start != numel * DTYPES[dtype][1]:
+        raise AdapterError(f"{path}: tensor '{name}' shape {shape} ({dtype}) does not match its {end - start} data bytes")
+    return start, end, name

@@ -1,0 +1,243 @@
+"""PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`.
+
+Supported here: LORA (incl. rsLoRA, DoRA, rank/alpha patterns, GPT-2 Conv1D with
+fan_in_fan_out) and ADALORA (folded into plain LoRA: A' = A * E, scale = alpha / (init_r + 1e-5)),
+with SEQ_CLS / TOKEN_CLS heads saved through `modules_to_save`.
+Semantics follow PEFT: y = W x + b + scale * B (A x); DoRA rescales per output row.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..base import BaseSchema
+from ..errors import AdapterError
+from ..files import FileLimits, read_json, read_safetensors
+from ..spec import AdapterSpec, HeadSpec, LoraDelta
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+HEAD_MODULES = ("classifier", "score")
+LORA_SUFFIXES = {
+    "lora_A.weight": "A", "lora_A": "A",
+    "lora_B.weight": "B", "lora_B": "B",
+    "lora_E": "E",
+    "lora_magnitude_vector": "m", "lora_magnitude_vector.weight": "m",
+}
+TASK_HEADS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
+NO_HEAD_TASKS = (None, "FEATURE_EXTRACTION", "CAUSAL_LM")
+
+
+def load_peft(folder: Path, name: str, schema: BaseSchema, *, max_rank: int,
+              labels: list[str] | None, limits: FileLimits) -> AdapterSpec:
+    cfg_path = folder / CONFIG_FILE
+    cfg = read_json(cfg_path, limits)
+    peft_type = cfg.get("peft_type")
+    if peft_type not in ("LORA", "ADALORA"):
+        raise AdapterError(f"{cfg_path}: PEFT type {peft_type!r} is not supported (supported: LORA, ADALORA)")
+    _refuse_unsupported_options(cfg_path, cfg)
+    weights_path = folder / WEIGHTS_FILE
+    tensors = read_safetensors(weights_path, limits)
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    head_tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterError(f"{weights_path}: tensor '{key}' does not start with '{KEY_PREFIX}' (not a PEFT adapter key)")
+        path = key[len(KEY_PREFIX):]
+        head = _head_part(path)
+        if head is not None:
+            head_tensors[head] = tensor
+            continue
+        module, part = _split_lora_key(weights_path, key, path)
+        groups.setdefault(module, {})[part] = tensor
+
+    is_adalora = peft_type == "ADALORA"
+    lora = {}
+    for module_path, parts in sorted(groups.items()):
+        delta = _lora_delta(weights_path, cfg, module_path, parts, schema, max_rank, is_adalora)
+        if delta is not None:
+            lora[schema.resolve_module(module_path)] = delta
+    head = _head(weights_path, folder, cfg, head_tensors, schema, labels, limits)
+    if not lora and head is None:
+        raise AdapterError(f"{weights_path}: no LoRA weights and no head: the adapter would change nothing")
+    kind = "adalora" if is_adalora else "dora" if cfg.get("use_dora") else "rslora" if cfg.get("use_rslora") else "lora"
+    return AdapterSpec(name=name, format="peft", kind=kind, lora=lora, head=head, source=str(folder))
+
+
+def _refuse_unsupported_options(cfg_path: Path, cfg: dict) -> None:
+    for key in ("r", "lora_alpha"):
+        if key in cfg and not _is_number(cfg[key]):
+            raise AdapterError(f"{cfg_path}: '{key}' must be a number, got {cfg[key]!r}")
+    r = cfg.get("init_r") if cfg.get("peft_type") == "ADALORA" else cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterError(f"{cfg_path}: rank 'r' must be a positive integer, got {r!r}")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (only 'none'): "
+                           "trained base biases would have to replace the frozen base's")
+    if cfg.get("lora_bias"):
+        raise AdapterError(f"{cfg_path}: lora_bias=true is not supported")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise AdapterError(f"{cfg_path}: '{key}' must be true or false, got {cfg[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict):
+            raise AdapterError(f"{cfg_path}: '{key}' must be an object, got {type(value).__name__}")
+        if cfg.get("peft_type") == "LORA" or key == "alpha_pattern":
+            for pat, val in value.items():
+                if not _is_number(val):
+                    raise AdapterError(f"{cfg_path}: {key}[{pat!r}] must be a number, got {val!r}")
+                try:
+                    re.compile(pat)
+                except re.error as exc:
+                    raise AdapterError(f"{cfg_path}: {key} key {pat!r} is not a valid pattern: {exc}") from exc
+    for key in ("trainable_token_indices", "layer_replication", "target_parameters"):
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_path}: '{key}' is not supported")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _head_part(path: str) -> str | None:
+    for module in HEAD_MODULES:
+        if path.startswith(module + "."):
+            return path[len(module) + 1:]
+    return None
+
+
+def _split_lora_key(weights_path: Path, key: str, path: str) -> tuple[str, str]:
+    for suffix, part in LORA_SUFFIXES.items():
+        if path.endswith("." + suffix):
+            return path[: -len(suffix) - 1], part
+    if ".lora_embedding_" in path:
+        raise AdapterError(f"{weights_path}: tensor '{key}': LoRA on embedding layers is not supported")
+    raise AdapterError(f"{weights_path}: tensor '{key}' is not a LoRA weight (lora_A/lora_B/lora_E/lora_magnitude_vector) "
+                       "nor a classifier head")
+
+
+def _pattern_value(pattern: dict, module_path: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def _lora_delta(weights_path: Path, cfg: dict, module_path: str, parts: dict, schema: BaseSchema,
+                max_rank: int, is_adalora: bool) -> LoraDelta | None:
+    where = f"{weights_path}: module '{module_path}'"
+    target = schema.resolve_module(module_path)
+    if target is None:
+        raise AdapterError(f"{where}: no such linear module in the base model ({schema.model_type}, "
+                           f"{schema.num_layers} layers)")
+    for needed in ("A", "B") + (("E",) if is_adalora else ()):
+        if needed not in parts:
+            raise AdapterError(f"{where}: missing lora_{needed}")
+    if not is_adalora and "E" in parts:
+        raise AdapterError(f"{where}: lora_E found in a plain LoRA adapter")
+    if "m" in parts and not cfg.get("use_dora"):
+        raise AdapterError(f"{where}: lora_magnitude_vector found but use_dora is false")
+    if cfg.get("use_dora") and "m" not in parts:
+        raise AdapterError(f"{where}: use_dora is true but lora_magnitude_vector is missing")
+    A, B = parts["A"], parts["B"]
+    shape = schema.linears[target]
+    if A.dim() != 2 or B.dim() != 2:
+        raise AdapterError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} must be matrices")
+    rank = A.shape[0]
+    if A.shape[1] != shape.d_in or B.shape[0] != shape.d_out or B.shape[1] != rank:
+        raise AdapterError(f"{where}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the base layer "
+                           f"(in {shape.d_in}, out {shape.d_out}): expected [r, {shape.d_in}] and [{shape.d_out}, r]")
+    if is_adalora:
+        E = parts["E"]
+        if list(E.shape) != [rank, 1]:
+            raise AdapterError(f"{where}: lora_E {list(E.shape)} does not fit rank {rank} (expected [{rank}, 1])")
+        if rank == 0:
+            return None  # pruned to nothing by AdaLoRA's rank allocator
+        init_r = cfg["init_r"]
+        if rank > init_r:
+            raise AdapterError(f"{where}: rank {rank} exceeds init_r {init_r}")
+        alpha = cfg.get("lora_alpha", init_r)
+        alpha = alpha if alpha > 0 else float(rank)
+        A, scale = A * E, alpha / (init_r + 1e-5)
+    else:
+        r = _pattern_value(cfg.get("rank_pattern") or {}, module_path, cfg["r"])
+        if rank != r:
+            raise AdapterError(f"{where}: lora_A has rank {rank} but the config says r={r}")
+        if rank == 0:
+            raise AdapterError(f"{where}: rank 0")
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module_path, cfg.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    if rank > max_rank:
+        raise AdapterError(f"{where}: rank {rank} exceeds max_rank {max_rank}")
+    magnitude = parts.get("m")
+    if magnitude is not None and list(magnitude.shape) != [shape.d_out]:
+        raise AdapterError(f"{where}: lora_magnitude_vector {list(magnitude.shape)} does not fit out features {shape.d_out}")
+    return LoraDelta(A=A.contiguous(), B=B.contiguous(), scale=float(scale), magnitude=magnitude)
+
+
+def _head(weights_path: Path, folder: Path, cfg: dict, tensors: dict, schema: BaseSchema,
+          labels: list[str] | None, limits: FileLimits) -> HeadSpec | None:
+    task_type = cfg.get("task_type")
+    if task_type in NO_HEAD_TASKS:
+        if tensors:
+            raise AdapterError(f"{weights_path}: head weights found but task_type is {task_type!r}")
+        return None
+    if task_type not in TASK_HEADS:
+        raise AdapterError(f"{weights_path.parent / CONFIG_FILE}: task_type {task_type!r} is not supported "
+                           f"(supported: {', '.join(TASK_HEADS)}, FEATURE_EXTRACTION, CAUSAL_LM)")
+    if schema.is_causal:
+        raise AdapterError(f"{weights_path}: {task_type} heads on causal LM bases are not supported yet")
+    if set(tensors) != {"weight", "bias"}:
+        raise AdapterError(f"{weights_path}: a {task_type} adapter needs exactly classifier.weight and classifier.bias "
+                           f"(a single linear head), found {sorted(tensors) or 'none'}")
+    weight, bias = tensors["weight"], tensors["bias"]
+    if weight.dim() != 2 or weight.shape[1] != schema.hidden_size or weight.shape[0] == 0:
+        raise AdapterError(f"{weights_path}: classifier.weight {list(weight.shape)} does not fit hidden size "
+                           f"{schema.hidden_size} (expected [num_labels, {schema.hidden_size}])")
+    if list(bias.shape) != [weight.shape[0]]:
+        raise AdapterError(f"{weights_path}: classifier.bias {list(bias.shape)} does not match "
+                           f"{weight.shape[0]} labels in classifier.weight")
+    task = TASK_HEADS[task_type]
+    names, problem = _labels(folder, weight.shape[0], labels, limits)
+    if task == "seq_cls" and problem == "multi_label_classification":
+        task = "multilabel"
+    pooled = task != "token_cls"
+    if pooled and not schema.has_pooler:
+        raise AdapterError(f"{weights_path}: SEQ_CLS on a base without a pooler is not supported")
+    return HeadSpec(task=task, weight=weight.contiguous(), bias=bias.contiguous(), labels=names, pooled=pooled)
+
+
+def _labels(folder: Path, num_labels: int, given: list[str] | None, limits: FileLimits) -> tuple[tuple[str, ...], str | None]:
+    """Labels from the caller, else from a config.json beside the adapter, else LABEL_i."""
+    problem = None
+    if given is not None:
+        names = [str(x) for x in given]
+        if len(names) != num_labels:
+            raise AdapterError(f"{folder}: {len(names)} labels given for a head with {num_labels} outputs")
+        return tuple(names), problem
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():
+        cfg = read_json(cfg_path, limits)
+        problem = cfg.get("problem_type")
+        id2label = cfg.get("id2label")
+        declared = cfg.get("num_labels", len(id2label) if isinstance(id2label, dict) else num_labels)
+        if declared != num_labels:
+            raise AdapterError(f"{cfg_path}: num_labels={declared} but the classifier has {num_labels} outputs")
+        if id2label is not None:
+            if not isinstance(id2label, dict) or len(id2label) != num_labels:
+                raise AdapterError(f"{cfg_path}: id2label has {len(id2label) if isinstance(id2label, dict) else '?'} "
+                                   f"entries but the classifier has {num_labels} outputs")
+            try:
+                by_index = {int(k): str(v) for k, v in id2label.items()}
+            except (TypeError, ValueError) as exc:
+                raise AdapterError(f"{cfg_path}: id2label keys must be integers: {exc}") from exc
+            if sorted(by_index) != list(range(num_labels)):
+                raise AdapterError(f"{cfg_path}: id2label keys must be 0..{num_labels - 1}")
+            return tuple(by_index[i] for i in range(num_labels)), problem
+    return tuple(f"LABEL_{i}" for i in range(num_labels)), problem
