@@ -1,6 +1,6 @@
 """Reading adapter files safely: size-limited JSON and checked safetensors. Never pickle.
 
-`read_safetensors` parses and checks the header itself (length, JSON, dtypes, shapes,
+`read_safetensors` parses and checks the header itself (length, JSON without repeated keys, dtypes, shapes,
 offsets that tile the data exactly) before any tensor is materialized, then checks
 values for NaN/Inf.
 """
@@ -18,6 +18,19 @@ from .errors import AdapterError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice; json.loads would silently keep the last value."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,9 @@ def read_json(path: Path, limits: FileLimits) -> dict:
     if size > limits.max_json_bytes:
         raise AdapterError(f"{path}: {size} bytes, over the {limits.max_json_bytes}-byte limit for a config file")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise AdapterError(f"{path}: repeats the key {exc.args[0]!r} (ambiguous JSON)") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -62,32 +77,8 @@ def read_safetensors(path: Path, limits: FileLimits) -> dict[str, torch.Tensor]:
     if size < 8:
         raise AdapterError(f"{path}: truncated safetensors file ({size} bytes, no header)")
     data = path.read_bytes()
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > limits.max_header_bytes:
-        raise AdapterError(f"{path}: safetensors header of {header_len} bytes, over the {limits.max_header_bytes}-byte limit")
-    if 8 + header_len > size:
-        raise AdapterError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has {size - 8})")
-    try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: safetensors header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise AdapterError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    if len(header) > limits.max_tensors:
-        raise AdapterError(f"{path}: {len(header)} tensors, over the {limits.max_tensors}-tensor limit")
-    spans = []
-    for name, entry in header.items():
-        spans.append(_check_entry(path, name, entry))
-    body = size - 8 - header_len
-    spans.sort()
-    cursor = 0
-    for start, end, name in spans:
-        if start != cursor:
-            raise AdapterError(f"{path}: tensor '{name}' data does not follow the previous tensor (offset {start}, expected {cursor})")
-        cursor = end
-    if cursor != body:
-        raise AdapterError(f"{path}: truncated or padded safetensors file: tensors cover {cursor} bytes, data section has {body}")
+    header, header_len = _read_header(path, data, limits)
+    _check_spans(path, [_check_entry(path, name, entry) for name, entry in header.items()], size - 8 - header_len)
     try:
         tensors = load_safetensors_bytes(data)
     except Exception as exc:  # the library's own parse errors are bad input too
@@ -99,6 +90,38 @@ def read_safetensors(path: Path, limits: FileLimits) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{path}: tensor '{name}' contains NaN or Inf values")
         out[name] = tensor
     return out
+
+
+def _read_header(path: Path, data: bytes, limits: FileLimits) -> tuple[dict, int]:
+    """The header's tensor entries (no __metadata__) and its length in bytes."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > limits.max_header_bytes:
+        raise AdapterError(f"{path}: safetensors header of {header_len} bytes, over the {limits.max_header_bytes}-byte limit")
+    if 8 + header_len > len(data):
+        raise AdapterError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has {len(data) - 8})")
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise AdapterError(f"{path}: safetensors header repeats the key {exc.args[0]!r}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    if len(header) > limits.max_tensors:
+        raise AdapterError(f"{path}: {len(header)} tensors, over the {limits.max_tensors}-tensor limit")
+    return header, header_len
+
+
+def _check_spans(path: Path, spans: list[tuple[int, int, str]], body: int) -> None:
+    """Tensor data must tile the `body`-byte data section exactly: no gaps, overlaps or trailing bytes."""
+    cursor = 0
+    for start, end, name in sorted(spans):
+        if start != cursor:
+            raise AdapterError(f"{path}: tensor '{name}' data does not follow the previous tensor (offset {start}, expected {cursor})")
+        cursor = end
+    if cursor != body:
+        raise AdapterError(f"{path}: truncated or padded safetensors file: tensors cover {cursor} bytes, data section has {body}")
 
 
 def _check_entry(path: Path, name: str, entry) -> tuple[int, int, str]:

@@ -28,6 +28,7 @@ LORA_SUFFIXES = {
     "lora_E": "E",
     "lora_magnitude_vector": "m", "lora_magnitude_vector.weight": "m",
 }
+PART_NAMES = {"A": "lora_A", "B": "lora_B", "E": "lora_E", "m": "lora_magnitude_vector"}
 TASK_HEADS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
 NO_HEAD_TASKS = (None, "FEATURE_EXTRACTION", "CAUSAL_LM")
 
@@ -43,25 +44,18 @@ def load_peft(folder: Path, name: str, schema: BaseSchema, *, max_rank: int,
     weights_path = folder / WEIGHTS_FILE
     tensors = read_safetensors(weights_path, limits)
 
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    head_tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(KEY_PREFIX):
-            raise AdapterError(f"{weights_path}: tensor '{key}' does not start with '{KEY_PREFIX}' (not a PEFT adapter key)")
-        path = key[len(KEY_PREFIX):]
-        head = _head_part(path)
-        if head is not None:
-            head_tensors[head] = tensor
-            continue
-        module, part = _split_lora_key(weights_path, key, path)
-        groups.setdefault(module, {})[part] = tensor
-
+    groups, head_tensors = _group_tensors(weights_path, tensors)
     is_adalora = peft_type == "ADALORA"
-    lora = {}
+    lora, adapted_by = {}, {}
     for module_path, parts in sorted(groups.items()):
         delta = _lora_delta(weights_path, cfg, module_path, parts, schema, max_rank, is_adalora)
+        target = schema.resolve_module(module_path)
+        if target in adapted_by:
+            raise AdapterError(f"{weights_path}: modules '{adapted_by[target]}' and '{module_path}' both adapt "
+                               f"base module '{target}'")
+        adapted_by[target] = module_path
         if delta is not None:
-            lora[schema.resolve_module(module_path)] = delta
+            lora[target] = delta
     head = _head(weights_path, folder, cfg, head_tensors, schema, labels, limits)
     if not lora and head is None:
         raise AdapterError(f"{weights_path}: no LoRA weights and no head: the adapter would change nothing")
@@ -105,11 +99,27 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _head_part(path: str) -> str | None:
-    for module in HEAD_MODULES:
-        if path.startswith(module + "."):
-            return path[len(module) + 1:]
-    return None
+def _group_tensors(weights_path: Path, tensors: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """LoRA tensors by module path and part (A, B, E, m); head tensors by path ("classifier.weight")."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    head_tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterError(f"{weights_path}: tensor '{key}' does not start with '{KEY_PREFIX}' (not a PEFT adapter key)")
+        path = key[len(KEY_PREFIX):]
+        if _is_head(path):
+            head_tensors[path] = tensor
+            continue
+        module, part = _split_lora_key(weights_path, key, path)
+        group = groups.setdefault(module, {})
+        if part in group:  # e.g. both `lora_A` and `lora_A.weight`: one would silently win
+            raise AdapterError(f"{weights_path}: module '{module}' has {PART_NAMES[part]} twice (tensor '{key}')")
+        group[part] = tensor
+    return groups, head_tensors
+
+
+def _is_head(path: str) -> bool:
+    return any(path.startswith(module + ".") for module in HEAD_MODULES)
 
 
 def _split_lora_key(weights_path: Path, key: str, path: str) -> tuple[str, str]:
@@ -188,6 +198,7 @@ def _head(weights_path: Path, folder: Path, cfg: dict, tensors: dict, schema: Ba
         if tensors:
             raise AdapterError(f"{weights_path}: head weights found but task_type is {task_type!r}")
         return None
+    tensors = _head_parts(weights_path, tensors)
     if task_type not in TASK_HEADS:
         raise AdapterError(f"{weights_path.parent / CONFIG_FILE}: task_type {task_type!r} is not supported "
                            f"(supported: {', '.join(TASK_HEADS)}, FEATURE_EXTRACTION, CAUSAL_LM)")
@@ -213,31 +224,49 @@ def _head(weights_path: Path, folder: Path, cfg: dict, tensors: dict, schema: Ba
     return HeadSpec(task=task, weight=weight.contiguous(), bias=bias.contiguous(), labels=names, pooled=pooled)
 
 
+def _head_parts(weights_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Head tensors by part ("weight", "bias"), all under one head module (classifier or score)."""
+    modules = sorted({path.split(".", 1)[0] for path in tensors})
+    if len(modules) > 1:
+        raise AdapterError(f"{weights_path}: head weights under both {modules[0]!r} and {modules[1]!r}: "
+                           "a PEFT adapter has one head module")
+    return {path.split(".", 1)[1]: tensor for path, tensor in tensors.items()}
+
+
 def _labels(folder: Path, num_labels: int, given: list[str] | None, limits: FileLimits) -> tuple[tuple[str, ...], str | None]:
-    """Labels from the caller, else from a config.json beside the adapter, else LABEL_i."""
-    problem = None
+    """Labels from the caller, else from a config.json beside the adapter, else LABEL_i; and its problem_type."""
+    default = tuple(f"LABEL_{i}" for i in range(num_labels))
     if given is not None:
-        names = [str(x) for x in given]
-        if len(names) != num_labels:
-            raise AdapterError(f"{folder}: {len(names)} labels given for a head with {num_labels} outputs")
-        return tuple(names), problem
+        return _given_labels(folder, num_labels, given), None
     cfg_path = folder / "config.json"
-    if cfg_path.is_file():
-        cfg = read_json(cfg_path, limits)
-        problem = cfg.get("problem_type")
-        id2label = cfg.get("id2label")
-        declared = cfg.get("num_labels", len(id2label) if isinstance(id2label, dict) else num_labels)
-        if declared != num_labels:
-            raise AdapterError(f"{cfg_path}: num_labels={declared} but the classifier has {num_labels} outputs")
-        if id2label is not None:
-            if not isinstance(id2label, dict) or len(id2label) != num_labels:
-                raise AdapterError(f"{cfg_path}: id2label has {len(id2label) if isinstance(id2label, dict) else '?'} "
-                                   f"entries but the classifier has {num_labels} outputs")
-            try:
-                by_index = {int(k): str(v) for k, v in id2label.items()}
-            except (TypeError, ValueError) as exc:
-                raise AdapterError(f"{cfg_path}: id2label keys must be integers: {exc}") from exc
-            if sorted(by_index) != list(range(num_labels)):
-                raise AdapterError(f"{cfg_path}: id2label keys must be 0..{num_labels - 1}")
-            return tuple(by_index[i] for i in range(num_labels)), problem
-    return tuple(f"LABEL_{i}" for i in range(num_labels)), problem
+    if not cfg_path.is_file():
+        return default, None
+    cfg = read_json(cfg_path, limits)
+    declared = cfg.get("num_labels")
+    if declared is not None and declared != num_labels:
+        raise AdapterError(f"{cfg_path}: num_labels={declared!r} but the classifier has {num_labels} outputs")
+    id2label = cfg.get("id2label")
+    names = default if id2label is None else _id2label(cfg_path, id2label, num_labels)
+    return names, cfg.get("problem_type")
+
+
+def _given_labels(folder: Path, num_labels: int, given) -> tuple[str, ...]:
+    if not isinstance(given, (list, tuple)) or not all(isinstance(x, str) for x in given):
+        raise AdapterError(f"{folder}: labels must be a list of strings, got {given!r:.80}")
+    if len(given) != num_labels:
+        raise AdapterError(f"{folder}: {len(given)} labels given for a head with {num_labels} outputs")
+    return tuple(given)
+
+
+def _id2label(cfg_path: Path, id2label, num_labels: int) -> tuple[str, ...]:
+    if not isinstance(id2label, dict):
+        raise AdapterError(f"{cfg_path}: id2label must be an object, got {type(id2label).__name__}")
+    if len(id2label) != num_labels:
+        raise AdapterError(f"{cfg_path}: id2label has {len(id2label)} entries but the classifier has {num_labels} outputs")
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{cfg_path}: id2label keys must be integers: {exc}") from exc
+    if sorted(by_index) != list(range(num_labels)):
+        raise AdapterError(f"{cfg_path}: id2label keys must be 0..{num_labels - 1}")
+    return tuple(by_index[i] for i in range(num_labels))
