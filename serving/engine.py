@@ -130,7 +130,7 @@ class Engine:
             }
 
     def _on_new_module(self, name: str, slots: LoraSlots) -> None:
-        self._hooks.append(attach_lora(self._linears[name], slots, self._state))
+        self._hooks.append(attach_lora(name, self._linears[name], slots, self._state))
 
     # inference ----------------------------------------------------------------------------
 
@@ -212,11 +212,11 @@ class Engine:
             try:
                 plan = BatchPlan.build([slot_of[r.name] if r.name else -1 for r in live], self.device)
                 rows = [live[i] for i in plan.order]
-                self._state.plan = plan
+                self._state.begin(plan)
                 try:
                     outputs = self._forward(rows, plan)
                 finally:
-                    self._state.plan = None
+                    self._state.end()
             finally:
                 self.pool.release(slot_of.values())
         for pos, row in enumerate(rows):

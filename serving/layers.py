@@ -2,10 +2,15 @@
 
 The base module itself is untouched (its weights keep their storage); the hook reads the
 current BatchPlan from the shared ForwardState and edits the layer's output in place.
+
+Modules that read the same input tensor (BERT's query/key/value, Llama's q/k/v and
+gate/up) share one shrink: the first forward with adapters records which modules see the
+same input object; later forwards compute the group's shrink once, in the first member's
+hook, and hand the others their part.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -17,16 +22,57 @@ from .slots import LoraSlots
 
 @dataclass
 class ForwardState:
-    """What every hook reads during one forward: the plan, and which kernels to run."""
+    """What every hook reads during one forward: the plan, the kernels, the shrink groups."""
 
     kernels: ModuleType
     plan: BatchPlan | None = None
+    modules: dict[str, LoraSlots] = field(default_factory=dict)
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # module -> modules sharing its input
+    learning: bool = True
+    _inputs: list[tuple[torch.Tensor, list[str]]] = field(default_factory=list)
+    _stash: tuple[torch.Tensor, dict] | None = None
+
+    def add_module(self, name: str, slots: LoraSlots) -> None:
+        self.modules[name] = slots
+        self.groups, self.learning = {}, True  # regroup on the next forward
+
+    def begin(self, plan: BatchPlan) -> None:
+        self.plan, self._stash, self._inputs = plan, None, []
+
+    def end(self) -> None:
+        if self.learning and self._inputs:
+            for _, names in self._inputs:
+                if len(names) > 1:
+                    for n in names:
+                        self.groups[n] = tuple(names)
+            self.learning = False
+        self.plan, self._stash, self._inputs = None, None, []
+
+    def shrunk(self, name: str, x: torch.Tensor, x2: torch.Tensor, tpr: int):
+        """This module's shrunk input u, computed with its group's on first use."""
+        if self.learning:
+            for seen, names in self._inputs:
+                if seen is x:
+                    names.append(name)
+                    break
+            else:
+                self._inputs.append((x, [name]))
+        if self._stash is not None and self._stash[0] is x and name in self._stash[1]:
+            return self._stash[1].pop(name)
+        group = self.groups.get(name, (name,))
+        members = group[group.index(name):]
+        slots = [self.modules[n] for n in members]
+        us = self.kernels.shrink(x2, [s.A for s in slots], [s.scale for s in slots], [s.ranks for s in slots],
+                                 self.plan, tpr)
+        self._stash = (x, dict(zip(members[1:], us[1:]))) if len(members) > 1 else None
+        return us[0]
 
 
-def attach_lora(module: nn.Module, slots: LoraSlots, state: ForwardState):
+def attach_lora(name: str, module: nn.Module, slots: LoraSlots, state: ForwardState):
     """Route `module`'s output through the per-row LoRA/DoRA deltas in `slots`."""
     bias = getattr(module, "bias", None)
     d_in, d_out = slots.shape.d_in, slots.shape.d_out
+    state.add_module(name, slots)
 
     def hook(_module, args, output):
         plan = state.plan
@@ -35,10 +81,11 @@ def attach_lora(module: nn.Module, slots: LoraSlots, state: ForwardState):
         x = args[0]
         x2 = x.reshape(-1, d_in)  # [N, d_in]
         y2 = output.view(-1, d_out)  # [N, d_out], edited in place
-        tokens_per_row = x2.shape[0] // plan.num_rows
+        tpr = x2.shape[0] // plan.num_rows
         if slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments):
-            state.kernels.rescale_output(y2, bias, slots.G, plan, tokens_per_row)
-        state.kernels.add_lora(y2, x2, slots.A, slots.B, slots.scale, slots.ranks, plan, tokens_per_row)
+            state.kernels.rescale_output(y2, bias, slots.G, plan, tpr)
+        u = state.shrunk(name, x, x2, tpr)
+        state.kernels.expand(y2, u, slots.B, plan, tpr)
         return output
 
     return module.register_forward_hook(hook)

@@ -68,3 +68,22 @@ def test_kernel_selection(monkeypatch):
     monkeypatch.setenv("POLYHEAD_KERNEL", "bogus")
     with pytest.raises(ValueError, match="POLYHEAD_KERNEL"):
         select("cpu")
+
+
+@pytest.mark.parametrize("kernels", [cpu, reference], ids=["cpu", "reference"])
+def test_fused_shrink_of_modules_sharing_an_input(kernels):
+    """q/k/v-style groups: one shrink for several modules equals each module's own add_lora."""
+    g = torch.Generator().manual_seed(11)
+    S, T, d_in = 6, 3, 20
+    outs, ranks = [40, 20, 8], [[3, 0, 8, 5, 1, 8], [2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0]]
+    mods = [random_slots(S, 8, d_in, d, r, torch.float32, g) for d, r in zip(outs, ranks)]
+    slots = [5, -1, 0, 1, 5, 2, 3, 4, 1]
+    plan = BatchPlan.build(slots)
+    x = torch.randn(len(slots) * T, d_in, generator=g)
+    us = kernels.shrink(x, [m[0] for m in mods], [m[2] for m in mods], ranks, plan, T)
+    for (A, B, scale), r, u, d in zip(mods, ranks, us, outs):
+        y0 = torch.randn(len(slots) * T, d, generator=g)
+        got, want = y0.clone(), y0.clone()
+        kernels.expand(got, u, B, plan, T)
+        reference.add_lora(want, x, A, B, scale, r, plan, T)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

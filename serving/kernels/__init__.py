@@ -1,4 +1,4 @@
-"""Kernel dispatch: one module of ops (add_lora, rescale_output) per device.
+"""Kernel dispatch: one module of ops (shrink, expand, add_lora, rescale_output) per device.
 
 `reference` is the oracle, `cpu` the fast torch path (also used on GPUs until the Triton
 kernels land). POLYHEAD_KERNEL=reference|cpu|triton forces one.

@@ -1,8 +1,13 @@
 """The plain, obviously-correct oracle: one row at a time, straight from the semantics.
 
 Every other kernel path must match these functions; they are slow on purpose.
-`tokens_per_row` is how many consecutive rows of `x`/`y` belong to one batch row
+`tokens_per_row` (tpr) is how many consecutive rows of `x`/`y` belong to one batch row
 (the sequence length for token-level layers, 1 for pooled layers).
+
+The LoRA op is split in two so modules that read the same input can share one shrink:
+    u = shrink(x, [A...], [scale...], [ranks...])      # u_i[t] = x[t] @ A_i[s].T * scale_i[s]
+    expand(y, u_i, B_i)                                 # y[t] += u_i[t] @ B_i[s].T
+where s is the slot of t's row and rows with s = -1 are skipped. `u` is opaque to callers.
 """
 from __future__ import annotations
 
@@ -11,21 +16,36 @@ import torch
 from ..batch import BatchPlan
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-             ranks: list[int], plan: BatchPlan, tokens_per_row: int) -> None:
-    """Semantics: y[t] += (x[t] @ A[s].T) @ B[s].T * scale[s] for s = slot of t's row, skipping s = -1.
+def shrink(x: torch.Tensor, As: list[torch.Tensor], scales: list[torch.Tensor], ranks: list[list[int]],
+           plan: BatchPlan, tpr: int) -> list[torch.Tensor]:
+    """x: [N, d_in]; As[i]: [S, R_i, d_in]; scales[i]: [S]. Returns u_i: [N, R_i] (zero on base rows)."""
+    out = []
+    for A, scale in zip(As, scales):
+        u = x.new_zeros(x.shape[0], A.shape[1])
+        for row, slot in enumerate(plan.row_slots):
+            if slot >= 0:
+                t0, t1 = row * tpr, (row + 1) * tpr
+                u[t0:t1] = x[t0:t1] @ A[slot].T * scale[slot]
+        out.append(u)
+    return out
 
-    y: [N, d_out], x: [N, d_in], A: [S, R, d_in], B: [S, d_out, R], scale: [S]; N = rows * tokens_per_row.
-    """
+
+def expand(y: torch.Tensor, u: torch.Tensor, B: torch.Tensor, plan: BatchPlan, tpr: int) -> None:
+    """y: [N, d_out] += u: [N, R] @ B[s].T with B: [S, d_out, R], skipping base rows."""
     for row, slot in enumerate(plan.row_slots):
-        if slot < 0:
-            continue
-        t0, t1 = row * tokens_per_row, (row + 1) * tokens_per_row
-        y[t0:t1] += (x[t0:t1] @ A[slot].T) @ B[slot].T * scale[slot]
+        if slot >= 0:
+            t0, t1 = row * tpr, (row + 1) * tpr
+            y[t0:t1] += u[t0:t1] @ B[slot].T
 
 
-def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, plan: BatchPlan,
-                   tokens_per_row: int) -> None:
+def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+             ranks: list[int], plan: BatchPlan, tpr: int) -> None:
+    """Semantics: y[t] += (x[t] @ A[s].T) @ B[s].T * scale[s] for s = slot of t's row, skipping s = -1."""
+    [u] = shrink(x, [A], [scale], [ranks], plan, tpr)
+    expand(y, u, B, plan, tpr)
+
+
+def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, plan: BatchPlan, tpr: int) -> None:
     """Semantics: y[t] = G[s] * (y[t] - bias) + bias for s = slot of t's row (DoRA), skipping s = -1.
 
     y: [N, d_out], bias: [d_out] or None, G: [S, d_out].
@@ -33,7 +53,6 @@ def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, 
     for row, slot in enumerate(plan.row_slots):
         if slot < 0:
             continue
-        t0, t1 = row * tokens_per_row, (row + 1) * tokens_per_row
+        t0, t1 = row * tpr, (row + 1) * tpr
         b = bias if bias is not None else 0.0
         y[t0:t1] = G[slot] * (y[t0:t1] - b) + b
-
