@@ -5,8 +5,9 @@ current BatchPlan from the shared ForwardState and edits the layer's output in p
 
 Modules that read the same input tensor (BERT's query/key/value, Llama's q/k/v and
 gate/up) share one shrink: the first forward with adapters records which modules see the
-same input object; later forwards compute the group's shrink once, in the first member's
-hook, and hand the others their part.
+same input object, then stores their A's side by side (slots.fuse_storage); later forwards
+compute the group's shrink as one matmul in the first member's hook and hand the others
+their part.
 """
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ import torch
 from torch import nn
 
 from .batch import BatchPlan
-from .slots import LoraSlots
+from .slots import LoraSlots, fuse_storage
+
+
+@dataclass(frozen=True)
+class ShrinkGroup:
+    """Modules that read the same input, their A's side by side in one block."""
+
+    names: tuple[str, ...]
+    A: torch.Tensor  # [S, sum R_i, d_in]
+    parts: tuple[tuple[int, int], ...]  # (offset, R_i) per member
 
 
 @dataclass
@@ -27,14 +37,19 @@ class ForwardState:
     kernels: ModuleType
     plan: BatchPlan | None = None
     modules: dict[str, LoraSlots] = field(default_factory=dict)
-    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # module -> modules sharing its input
+    groups: dict[str, ShrinkGroup] = field(default_factory=dict)  # module -> its group, when it has one
     learning: bool = True
     _inputs: list[tuple[torch.Tensor, list[str]]] = field(default_factory=list)
     _stash: tuple[torch.Tensor, dict] | None = None
 
     def add_module(self, name: str, slots: LoraSlots) -> None:
         self.modules[name] = slots
-        self.groups, self.learning = {}, True  # regroup on the next forward
+        slots.on_resize = self.regroup
+        self.regroup()
+
+    def regroup(self) -> None:
+        """Forget the groups; the next forward with adapters learns them again."""
+        self.groups, self.learning = {}, True
 
     def begin(self, plan: BatchPlan) -> None:
         self.plan, self._stash, self._inputs = plan, None, []
@@ -43,8 +58,10 @@ class ForwardState:
         if self.learning and self._inputs:
             for _, names in self._inputs:
                 if len(names) > 1:
+                    block, parts = fuse_storage([self.modules[n] for n in names])
+                    group = ShrinkGroup(tuple(names), block, tuple(parts))
                     for n in names:
-                        self.groups[n] = tuple(names)
+                        self.groups[n] = group
             self.learning = False
         self.plan, self._stash, self._inputs = None, None, []
 
@@ -59,13 +76,17 @@ class ForwardState:
                 self._inputs.append((x, [name]))
         if self._stash is not None and self._stash[0] is x and name in self._stash[1]:
             return self._stash[1].pop(name)
-        group = self.groups.get(name, (name,))
-        members = group[group.index(name):]
-        slots = [self.modules[n] for n in members]
-        us = self.kernels.shrink(x2, [s.A for s in slots], [s.scale for s in slots], [s.ranks for s in slots],
-                                 self.plan, tpr)
-        self._stash = (x, dict(zip(members[1:], us[1:]))) if len(members) > 1 else None
-        return us[0]
+        group = self.groups.get(name)
+        if group is None:
+            slots = self.modules[name]
+            [u] = self.kernels.shrink(x2, slots.A, [(0, slots.capacity)], [slots.scale], [slots.ranks], self.plan, tpr)
+            return u
+        members = [self.modules[n] for n in group.names]
+        us = self.kernels.shrink(x2, group.A, list(group.parts), [m.scale for m in members],
+                                 [m.ranks for m in members], self.plan, tpr)
+        mine = group.names.index(name)
+        self._stash = (x, {n: u for i, (n, u) in enumerate(zip(group.names, us)) if i != mine})
+        return us[mine]
 
 
 def attach_lora(name: str, module: nn.Module, slots: LoraSlots, state: ForwardState):

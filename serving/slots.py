@@ -33,6 +33,7 @@ class LoraSlots:
         self.G: torch.Tensor | None = None  # [S, d_out] DoRA output factor, 1 where not DoRA
         self.ranks = [0] * S
         self.dora = [False] * S
+        self.on_resize: Callable[[], None] | None = None  # told when A stops being a view of a fused block
 
     @property
     def capacity(self) -> int:
@@ -49,6 +50,8 @@ class LoraSlots:
         B = torch.zeros(S, self.shape.d_out, new, dtype=self.dtype, device=self.device)
         A[:, :R], B[:, :, :R] = self.A, self.B
         self.A, self.B = A, B
+        if self.on_resize is not None:
+            self.on_resize()
 
     def write(self, slot: int, delta: LoraDelta | None, base: nn.Module) -> None:
         if delta is None:
@@ -83,6 +86,23 @@ class LoraSlots:
             self.G[slot] = 1
         self.ranks[slot] = 0
         self.dora[slot] = False
+
+
+def fuse_storage(members: list[LoraSlots]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Put the members' A side by side in one [S, sum R, d_in] tensor; each member's A becomes a view of it.
+
+    Modules that read the same input then shrink with one matmul. Returns the block and (offset, R) per member.
+    """
+    S, d_in = members[0].A.shape[0], members[0].shape.d_in
+    block = torch.zeros(S, sum(m.capacity for m in members), d_in, dtype=members[0].dtype, device=members[0].device)
+    parts, off = [], 0
+    for m in members:
+        cap = m.capacity
+        block[:, off:off + cap] = m.A
+        m.A = block[:, off:off + cap]
+        parts.append((off, cap))
+        off += cap
+    return block, parts
 
 
 def dora_factor(base: nn.Module, shape: LinearShape, A: torch.Tensor, B: torch.Tensor, scale: float,

@@ -257,3 +257,27 @@ def test_reference_kernels_give_the_same_engine_results(adapters):
     for (n, _), g, w in zip(rows, fast.infer([Request(adapter=n, input_ids=i) for n, i in rows]),
                             oracle.infer([Request(adapter=n, input_ids=i) for n, i in rows])):
         assert_same(g, w, str(n))
+
+
+def test_shared_input_groups_fuse_and_survive_rank_growth(tmp_path):
+    from adapters_store import BaseSchema
+
+    schema = BaseSchema.from_config_dir(minilm_path())
+    small = make_lora(tmp_path / "small", schema, seed=21, r=4, targets=("query", "key", "value"))
+    big = make_lora(tmp_path / "big", schema, seed=22, r=24, targets=("query", "value", "intermediate.dense"))
+    eng = Engine.from_pretrained(str(minilm_path()), max_slots=4)
+    eng.load_adapter("small", small)
+    first = alone(eng, "small", SENTENCES[2])  # learns which modules share an input
+    alone(eng, "small", SENTENCES[2])
+    group = eng._state.groups["encoder.layer.0.attention.self.query"]
+    assert group.names == tuple(f"encoder.layer.0.attention.self.{m}" for m in ("query", "key", "value"))
+    assert_same(alone(eng, "small", SENTENCES[2]), first, "fused")
+    eng.load_adapter("big", big)  # grows the rank capacity: storage is regrouped
+    rows = [("big", SENTENCES[1]), ("small", SENTENCES[2]), (None, SENTENCES[0]), ("big", SENTENCES[2])]
+    for _ in range(2):  # learning forward, then fused forward
+        got = eng.infer([Request(adapter=n, input_ids=ids) for n, ids in rows])
+        for (n, ids), g in zip(rows, got):
+            fresh = Engine.from_pretrained(str(minilm_path()), max_slots=1)
+            if n:
+                fresh.load_adapter(n, big if n == "big" else small)
+            assert_same(g, alone(fresh, n, ids), f"{n}")

@@ -77,10 +77,12 @@ def test_fused_shrink_of_modules_sharing_an_input(kernels):
     S, T, d_in = 6, 3, 20
     outs, ranks = [40, 20, 8], [[3, 0, 8, 5, 1, 8], [2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0]]
     mods = [random_slots(S, 8, d_in, d, r, torch.float32, g) for d, r in zip(outs, ranks)]
-    slots = [5, -1, 0, 1, 5, 2, 3, 4, 1]
+    slots = [5, -1, 0, 1, 5, 0, 3, 4, 1]  # buckets of consecutive (3, 4) and scattered slots (0, 1, 5)
     plan = BatchPlan.build(slots)
     x = torch.randn(len(slots) * T, d_in, generator=g)
-    us = kernels.shrink(x, [m[0] for m in mods], [m[2] for m in mods], ranks, plan, T)
+    block = torch.cat([m[0] for m in mods], dim=1)  # the members' A side by side
+    parts = [(8 * i, 8) for i in range(len(mods))]
+    us = kernels.shrink(x, block, parts, [m[2] for m in mods], ranks, plan, T)
     for (A, B, scale), r, u, d in zip(mods, ranks, us, outs):
         y0 = torch.randn(len(slots) * T, d, generator=g)
         got, want = y0.clone(), y0.clone()

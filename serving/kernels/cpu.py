@@ -2,44 +2,52 @@
 
 Rows are sorted by slot (see BatchPlan), so each adapter's tokens are one contiguous block.
 A bucket of n segments x L tokens becomes x viewed as [n, L, d_in] and one bmm against the
-n adapters' weights, gathered once per bucket (one copy per distinct adapter, never per row).
-Modules that read the same input share one shrink: their gathered A's are concatenated and
-x is read once. Cost follows the adapter weights the batch reads: base rows are skipped,
-and each bucket runs at its own largest rank per module rather than the slot capacity.
+n adapters' weights: read in place when the bucket's slots are consecutive, else gathered
+once per bucket (one copy per distinct adapter, never per row). Modules that read the same
+input keep their A's side by side in one tensor, so their shrink is one bmm that reads x once.
+Cost follows the adapter weights the batch reads: base rows are skipped, and a bucket runs
+at its own largest rank rather than the slot capacity.
 
-`u` here is a list over buckets of [n, L, r_b] views (None where the bucket's rank is 0).
+`u` here is a list over buckets of [n, L, w] views (None where the bucket's rank is 0).
 """
 from __future__ import annotations
 
 import torch
 
-from ..batch import BatchPlan
+from ..batch import Bucket, BatchPlan
 
 
-def shrink(x: torch.Tensor, As: list[torch.Tensor], scales: list[torch.Tensor], ranks: list[list[int]],
-           plan: BatchPlan, tpr: int) -> list[list[torch.Tensor | None]]:
+def _slot_rows(t: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    """t[bucket's slots]: a view when the slots are consecutive, else one gather."""
+    first, n = bucket.slots[0], bucket.n_seg
+    if bucket.slots[-1] - first == n - 1:  # slots are sorted and distinct
+        return t[first:first + n]
+    return t.index_select(0, bucket.slot_index)
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scales: list[torch.Tensor],
+           ranks: list[list[int]], plan: BatchPlan, tpr: int) -> list[list[torch.Tensor | None]]:
     d_in = x.shape[-1]
-    out: list[list[torch.Tensor | None]] = [[] for _ in As]
+    out: list[list[torch.Tensor | None]] = [[] for _ in parts]
     for bucket in plan.buckets:
-        n, L = bucket.n_seg, bucket.rows_per_seg * tpr
         widths = [max(r[s] for s in bucket.slots) for r in ranks]
-        parts = [A[:, :w].index_select(0, bucket.slot_index) for A, w in zip(As, widths) if w]  # [n, w, d_in]
-        if not parts:
+        if not any(widths):
             for u in out:
                 u.append(None)
             continue
-        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [n, sum w, d_in]
+        n, L = bucket.n_seg, bucket.rows_per_seg * tpr
+        # one member: only its bucket rank; several: the whole side-by-side block
+        span = widths[0] if len(parts) == 1 else A.shape[1]
+        a = _slot_rows(A[:, :span], bucket)  # [n, span, d_in]
         t0 = bucket.row0 * tpr
-        u_all = torch.bmm(x[t0:t0 + n * L].view(n, L, d_in), a.transpose(1, 2))  # [n, L, sum w]
-        off = 0
-        for i, w in enumerate(widths):
+        u_all = torch.bmm(x[t0:t0 + n * L].view(n, L, d_in), a.transpose(1, 2))  # [n, L, span]
+        for i, ((off, _), w) in enumerate(zip(parts, widths)):
             if w == 0:
                 out[i].append(None)
                 continue
             u = u_all[:, :, off:off + w]
-            u.mul_(scales[i].index_select(0, bucket.slot_index).view(n, 1, 1))
+            u.mul_(_slot_rows(scales[i], bucket).view(n, 1, 1))
             out[i].append(u)
-            off += w
     return out
 
 
@@ -50,14 +58,14 @@ def expand(y: torch.Tensor, u: list[torch.Tensor | None], B: torch.Tensor, plan:
             continue
         n, L, w = ub.shape
         t0 = bucket.row0 * tpr
-        b = B[:, :, :w].index_select(0, bucket.slot_index)  # [n, d_out, w]
+        b = _slot_rows(B[:, :, :w], bucket)  # [n, d_out, w]
         y[t0:t0 + n * L].view(n, L, d_out).baddbmm_(ub, b.transpose(1, 2))
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
              ranks: list[int], plan: BatchPlan, tpr: int) -> None:
     """Same semantics as reference.add_lora."""
-    [u] = shrink(x, [A], [scale], [ranks], plan, tpr)
+    [u] = shrink(x, A, [(0, A.shape[1])], [scale], [ranks], plan, tpr)
     expand(y, u, B, plan, tpr)
 
 
@@ -68,7 +76,7 @@ def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, 
         n, L = bucket.n_seg, bucket.rows_per_seg * tpr
         t0 = bucket.row0 * tpr
         ys = y[t0:t0 + n * L].view(n, L, d_out)
-        g = G.index_select(0, bucket.slot_index).unsqueeze(1)  # [n, 1, d_out]
+        g = _slot_rows(G, bucket).unsqueeze(1)  # [n, 1, d_out]
         if bias is None:
             ys.mul_(g)
         else:

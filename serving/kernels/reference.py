@@ -5,8 +5,9 @@ Every other kernel path must match these functions; they are slow on purpose.
 (the sequence length for token-level layers, 1 for pooled layers).
 
 The LoRA op is split in two so modules that read the same input can share one shrink:
-    u = shrink(x, [A...], [scale...], [ranks...])      # u_i[t] = x[t] @ A_i[s].T * scale_i[s]
-    expand(y, u_i, B_i)                                 # y[t] += u_i[t] @ B_i[s].T
+    u = shrink(x, A, [(off_i, cap_i)...], [scale_i...], [ranks_i...])   # u_i[t] = x[t] @ A_i[s].T * scale_i[s]
+    expand(y, u_i, B_i)                                                  # y[t] += u_i[t] @ B_i[s].T
+with A_i = A[:, off_i:off_i + cap_i] (the members' A's stored side by side).
 where s is the slot of t's row and rows with s = -1 are skipped. `u` is opaque to callers.
 """
 from __future__ import annotations
@@ -16,16 +17,21 @@ import torch
 from ..batch import BatchPlan
 
 
-def shrink(x: torch.Tensor, As: list[torch.Tensor], scales: list[torch.Tensor], ranks: list[list[int]],
-           plan: BatchPlan, tpr: int) -> list[torch.Tensor]:
-    """x: [N, d_in]; As[i]: [S, R_i, d_in]; scales[i]: [S]. Returns u_i: [N, R_i] (zero on base rows)."""
+def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scales: list[torch.Tensor],
+           ranks: list[list[int]], plan: BatchPlan, tpr: int) -> list[torch.Tensor]:
+    """One shrink for modules that read the same input x.
+
+    x: [N, d_in]; A: [S, W, d_in], member i's rows are A[:, off_i:off_i + cap_i] for parts[i] = (off_i, cap_i);
+    scales[i]: [S]. Returns u_i: [N, cap_i] with u_i[t] = x[t] @ A[s, off_i:off_i + cap_i].T * scales[i][s]
+    (zero on base rows).
+    """
     out = []
-    for A, scale in zip(As, scales):
-        u = x.new_zeros(x.shape[0], A.shape[1])
+    for (off, cap), scale in zip(parts, scales):
+        u = x.new_zeros(x.shape[0], cap)
         for row, slot in enumerate(plan.row_slots):
             if slot >= 0:
                 t0, t1 = row * tpr, (row + 1) * tpr
-                u[t0:t1] = x[t0:t1] @ A[slot].T * scale[slot]
+                u[t0:t1] = x[t0:t1] @ A[slot, off:off + cap].T * scale[slot]
         out.append(u)
     return out
 
@@ -41,7 +47,7 @@ def expand(y: torch.Tensor, u: torch.Tensor, B: torch.Tensor, plan: BatchPlan, t
 def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
              ranks: list[int], plan: BatchPlan, tpr: int) -> None:
     """Semantics: y[t] += (x[t] @ A[s].T) @ B[s].T * scale[s] for s = slot of t's row, skipping s = -1."""
-    [u] = shrink(x, [A], [scale], [ranks], plan, tpr)
+    [u] = shrink(x, A, [(0, A.shape[1])], [scale], [ranks], plan, tpr)
     expand(y, u, B, plan, tpr)
 
 
