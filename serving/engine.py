@@ -71,7 +71,6 @@ class Engine:
         self._state = ForwardState(kernels=kernels.select(device.type, kernel))
         modules = dict(model.named_modules())
         linears = {name: modules[name] for name in self.schema.linears}
-        self._hooks = []
         self.pool = SlotPool(max_slots, max_rank, dtype, device, self.schema.hidden_size, linears,
                              self.schema.linears, self._on_new_module)
         self._linears = linears
@@ -130,7 +129,7 @@ class Engine:
             }
 
     def _on_new_module(self, name: str, slots: LoraSlots) -> None:
-        self._hooks.append(attach_lora(name, self._linears[name], slots, self._state))
+        attach_lora(name, self._linears[name], slots, self._state)
 
     # inference ----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
-"""Patched layers: a forward hook on each adapted linear adds every row's own adapter delta.
+"""Patched layers: each adapted linear adds every row's own adapter delta to its output.
 
-The base module itself is untouched (its weights keep their storage); the hook reads the
-current BatchPlan from the shared ForwardState and edits the layer's output in place.
+The base module's weights are untouched (they keep their storage); the patched forward
+reads the current BatchPlan from the shared ForwardState.
 
 Modules that read the same input tensor (BERT's query/key/value, Llama's q/k/v and
 gate/up) share one shrink: the first forward with adapters records which modules see the
@@ -89,24 +89,32 @@ class ForwardState:
         return us[mine]
 
 
-def attach_lora(name: str, module: nn.Module, slots: LoraSlots, state: ForwardState):
-    """Route `module`'s output through the per-row LoRA/DoRA deltas in `slots`."""
-    bias = getattr(module, "bias", None)
-    d_in, d_out = slots.shape.d_in, slots.shape.d_out
+def attach_lora(name: str, module: nn.Module, slots: LoraSlots, state: ForwardState) -> None:
+    """Route `module`'s output through the per-row LoRA/DoRA deltas in `slots`.
+
+    The module's forward is shadowed by an instance attribute (its class and weights are
+    untouched): without adapter rows it is the base forward; with them, one op computes the
+    base matmul and the deltas together; DoRA rows rescale the base output first.
+    """
+    base_forward = module.forward
+    weight, bias = module.weight, getattr(module, "bias", None)
+    d_in, d_out, conv1d = slots.shape.d_in, slots.shape.d_out, slots.shape.conv1d
     state.add_module(name, slots)
 
-    def hook(_module, args, output):
+    def forward(x: torch.Tensor) -> torch.Tensor:
         plan = state.plan
         if plan is None or not plan.has_adapters:
-            return output
-        x = args[0]
+            return base_forward(x)
         x2 = x.reshape(-1, d_in)  # [N, d_in]
-        y2 = output.view(-1, d_out)  # [N, d_out], edited in place
         tpr = x2.shape[0] // plan.num_rows
-        if slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments):
-            state.kernels.rescale_output(y2, bias, slots.G, plan, tpr)
         u = state.shrunk(name, x, x2, tpr)
-        state.kernels.expand(y2, u, slots.B, plan, tpr)
-        return output
+        if slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments):
+            y = base_forward(x)
+            y2 = y.view(-1, d_out)
+            state.kernels.rescale_output(y2, bias, slots.G, plan, tpr)
+            state.kernels.expand(y2, u, slots.B, plan, tpr)
+            return y
+        y2 = state.kernels.linear_expand(x2, weight, bias, conv1d, u, slots.B, plan, tpr)
+        return y2.view(*x.shape[:-1], d_out)
 
-    return module.register_forward_hook(hook)
+    module.forward = forward

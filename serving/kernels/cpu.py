@@ -81,3 +81,29 @@ def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, 
             ys.mul_(g)
         else:
             ys.sub_(bias).mul_(g).add_(bias)
+
+
+def linear_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
+                  u: list[torch.Tensor | None], B: torch.Tensor, plan: BatchPlan, tpr: int) -> torch.Tensor:
+    """Same semantics as reference.linear_expand, with the expand folded into the base matmul.
+
+    The output starts as bias (+ each bucket's u @ B.T, written once), and the base matmul then
+    accumulates into it (addmm with beta=1): no extra pass over y for the adapter delta.
+    """
+    N, d_out = x.shape[0], weight.shape[1] if conv1d else weight.shape[0]
+    y = torch.empty(N, d_out, dtype=x.dtype, device=x.device)
+    start = plan.segments[0].row0 * tpr if plan.segments else N  # base rows come first
+    y[:start] = 0 if bias is None else bias
+    for bucket, ub in zip(plan.buckets, u):
+        t0 = bucket.row0 * tpr
+        ys = y[t0:t0 + bucket.n_seg * bucket.rows_per_seg * tpr]
+        if ub is None:
+            ys[:] = 0 if bias is None else bias
+            continue
+        n, L, w = ub.shape
+        b = _slot_rows(B[:, :, :w], bucket).transpose(1, 2)  # [n, w, d_out]
+        if bias is None:
+            torch.bmm(ub, b, out=ys.view(n, L, d_out))
+        else:
+            torch.baddbmm(bias, ub, b, out=ys.view(n, L, d_out))
+    return y.addmm_(x, weight if conv1d else weight.T)

@@ -62,3 +62,16 @@ def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, 
         t0, t1 = row * tpr, (row + 1) * tpr
         b = bias if bias is not None else 0.0
         y[t0:t1] = G[slot] * (y[t0:t1] - b) + b
+
+
+def linear_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
+                  u: torch.Tensor, B: torch.Tensor, plan: BatchPlan, tpr: int) -> torch.Tensor:
+    """Semantics: the base layer plus expand: y = x @ W.T + bias, then y[t] += u[t] @ B[s].T.
+
+    weight: [d_out, d_in] (nn.Linear) or [d_in, d_out] (GPT-2 Conv1D, conv1d=True). Returns y: [N, d_out].
+    """
+    y = x @ (weight if conv1d else weight.T)
+    if bias is not None:
+        y = y + bias
+    expand(y, u, B, plan, tpr)
+    return y
