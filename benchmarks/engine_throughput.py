@@ -1,6 +1,6 @@
 """How fast is one forward where every row has its own LoRA adapter?
 
-Compares, on the real all-MiniLM-L6-v2 base (CPU, fp32), side by side in one run:
+On the real all-MiniLM-L6-v2 base (CPU, fp32), side by side in one run:
   base                   plain BertModel forward, no adapter
   shared_lora_unmerged   one PEFT LoRA adapter (unmerged) on every row: the same arithmetic, no routing
   polyhead               serving.Engine.infer, every row routed to its own resident adapter
@@ -10,8 +10,8 @@ Compares, on the real all-MiniLM-L6-v2 base (CPU, fp32), side by side in one run
 Shapes: a = 64 rows x 32 tokens, 64 adapters; b = 256 rows x 32 tokens, 256 adapters.
 Adapters: random PEFT LoRA, r=16, alpha=32, on query/key/value/every dense of the encoder
 (the pooler is not adapted), written with save_pretrained into a temporary folder.
-Variants run round-robin within each repetition, so machine noise hits all alike; the
-table shows medians. Timings are reported, never asserted.
+Variants run round-robin within each repetition, so machine noise hits all alike.
+Timings are reported, never asserted.
 
     .venv/bin/python benchmarks/engine_throughput.py [--reps 5] [--shapes a,b] [--quick]
 """
@@ -40,7 +40,6 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LORA_TARGETS = r".*encoder.*\.(query|key|value|dense)"  # 6 linears per layer; not pooler.dense
-LINEARS_PER_LAYER = 6
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def make_adapters(root: Path, count: int, seed: int) -> list[Path]:
 def check_lora_targets(model: torch.nn.Module, lora: list) -> None:
     layers = model.get_base_model().config.num_hidden_layers
     adapted = {name.split(".lora_")[0] for name, _ in lora}
-    if any("pooler" in name for name in adapted) or len(adapted) != layers * LINEARS_PER_LAYER:
+    if any("pooler" in name for name in adapted) or len(adapted) != layers * 6:
         raise RuntimeError(f"LoRA targets are wrong: {sorted(adapted)}")
 
 
@@ -146,43 +145,23 @@ def mean_tokens(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.mean(dim=1)  # [rows, tokens, hidden] -> [rows, hidden]; every token is real
 
 
-def base_variant(ids: torch.Tensor) -> Variant:
-    model = load_base()
-
-    def run():
-        with torch.inference_mode():
-            return model(input_ids=ids).last_hidden_state  # [rows, tokens, hidden]
-
-    return Variant("base", run, mean_tokens)
+def last_hidden(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, **kwargs).last_hidden_state  # [rows, tokens, hidden]
 
 
-def shared_lora_variant(ids: torch.Tensor, adapter_dir: Path) -> Variant:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_base(), str(adapter_dir)).eval()
-
-    def run():
-        with torch.inference_mode():
-            return model(input_ids=ids).last_hidden_state
-
-    return Variant("shared_lora_unmerged", run, mean_tokens)
+def forward_variant(name: str, model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> Variant:
+    return Variant(name, lambda: last_hidden(model, ids, **kwargs), mean_tokens)
 
 
-def load_peft_all(dirs: list[Path]) -> torch.nn.Module:
+def load_peft(dirs: list[Path]) -> torch.nn.Module:
+    """A PeftModel holding adapters a0..a{n-1}; a0 is active."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_base(), str(dirs[0]), adapter_name="a0")
     for i, d in enumerate(dirs[1:], start=1):
         model.load_adapter(str(d), adapter_name=f"a{i}")
     return model.eval()
-
-
-def peft_mixed_variant(model: torch.nn.Module, ids: torch.Tensor, names: list[str]) -> Variant:
-    def run():
-        with torch.inference_mode():
-            return model(input_ids=ids, adapter_names=names).last_hidden_state
-
-    return Variant("peft_mixed_batch", run, mean_tokens)
 
 
 def peft_loop_variant(model: torch.nn.Module, ids: torch.Tensor, names: list[str]) -> Variant:
@@ -265,7 +244,9 @@ def time_interleaved(variants: list[Variant], reps: int, warmup: int):
     """Round-robin: each repetition runs every variant once, starting one further along."""
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     embeddings: dict[str, torch.Tensor] = {}
+    loadavg = []  # 1-minute load average before each repetition: the machine may be shared
     for rep in range(warmup + reps):
+        loadavg.append(os.getloadavg()[0])
         k = rep % len(variants)
         for v in variants[k:] + variants[:k]:
             t0 = time.perf_counter()
@@ -275,7 +256,9 @@ def time_interleaved(variants: list[Variant], reps: int, warmup: int):
                 seconds[v.name].append(elapsed)
             if v.name not in embeddings:
                 embeddings[v.name] = v.embed(out)  # [rows, hidden]
-    return seconds, embeddings
+            print(f"  rep {rep + 1}/{warmup + reps}{' (warm-up)' if rep < warmup else ''} {v.name}: "
+                  f"{elapsed:.3f}s", flush=True)
+    return seconds, embeddings, loadavg
 
 
 def sanity_checks(emb: dict[str, torch.Tensor]) -> dict:
@@ -293,7 +276,8 @@ def sanity_checks(emb: dict[str, torch.Tensor]) -> dict:
 def bench_shape(shape: Shape, dirs: list[Path], args, polyhead_note: str | None):
     ids = make_ids(shape, vocab_size=30522, seed=args.seed)  # [rows, tokens]
     names = adapter_names(shape)
-    variants = [base_variant(ids), shared_lora_variant(ids, dirs[0])]
+    variants = [forward_variant("base", load_base(), ids),
+                forward_variant("shared_lora_unmerged", load_peft(dirs[:1]), ids)]
     extra = {"available": False, "note": polyhead_note}
     if polyhead_note is None:
         try:
@@ -304,12 +288,13 @@ def bench_shape(shape: Shape, dirs: list[Path], args, polyhead_note: str | None)
             extra["note"] = f"polyhead failed, variant skipped: {type(exc).__name__}: {exc}"
             traceback.print_exc()
             print(f"NOTE [{shape.name}]: {extra['note']}", flush=True)
-    peft_all = load_peft_all(dirs)
-    variants += [peft_mixed_variant(peft_all, ids, names), peft_loop_variant(peft_all, ids, names)]
+    peft_all = load_peft(dirs)
+    variants += [forward_variant("peft_mixed_batch", peft_all, ids, adapter_names=names),
+                 peft_loop_variant(peft_all, ids, names)]
     print(f"shape {shape.name}: {shape.rows} rows x {shape.tokens} tokens, {shape.adapters} adapters, "
           f"{args.reps} reps (+{args.warmup} warm-up): {', '.join(v.name for v in variants)}", flush=True)
-    seconds, emb = time_interleaved(variants, args.reps, args.warmup)
-    return seconds, sanity_checks(emb), extra
+    seconds, emb, loadavg = time_interleaved(variants, args.reps, args.warmup)
+    return seconds, loadavg, sanity_checks(emb), extra
 
 
 def summarize(shape: Shape, seconds: dict[str, list[float]]) -> list[dict]:
@@ -318,7 +303,7 @@ def summarize(shape: Shape, seconds: dict[str, list[float]]) -> list[dict]:
     rows = []
     for name, xs in seconds.items():
         median = float(np.median(xs))
-        rows.append({"variant": name, "shape": shape.name, "median_s": median,
+        rows.append({"variant": name, "shape": shape.name, "median_s": median, "min_s": min(xs),
                      "tokens_per_s": tokens / median, "ratio_to_base": base / median})
     return rows
 
@@ -326,8 +311,14 @@ def summarize(shape: Shape, seconds: dict[str, list[float]]) -> list[dict]:
 # ---------------------------------------------------------------- peak forward memory
 
 
-def max_rss_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+def peak_rss_kb() -> tuple[int, str]:
+    """This process's peak RSS in KiB. On Linux ru_maxrss also counts the parent's RSS at fork time
+    (kept across exec), which hides a child's own peak; VmHWM is this process's alone."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")), "VmHWM"
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
 
 
 def reset_peak_rss() -> bool:
@@ -350,8 +341,7 @@ def rss_probe(variant: str, shape: Shape, adapters_dir: Path, seed: int) -> None
         model = load_base()
 
         def forward(n):
-            with torch.inference_mode():
-                return model(input_ids=ids[:n]).last_hidden_state
+            return last_hidden(model, ids[:n])
     else:
         dirs = [adapters_dir / f"a{i}" for i in range(shape.adapters)]
         eng, _ = polyhead_engine(shape, dirs)
@@ -363,12 +353,12 @@ def rss_probe(variant: str, shape: Shape, adapters_dir: Path, seed: int) -> None
     forward(2)
     gc.collect()
     reset = reset_peak_rss()
-    before = max_rss_kb()
+    before, source = peak_rss_kb()
     out = forward(shape.rows)
-    after = max_rss_kb()
+    after, _ = peak_rss_kb()
     del out
     print(json.dumps({"before_kb": before, "after_kb": after, "increase_mb": (after - before) / 1024,
-                      "peak_reset": reset}))
+                      "peak_reset": reset, "source": source}))
 
 
 def measure_forward_memory(shape: Shape, adapters_dir: Path, seed: int, with_polyhead: bool) -> dict:
@@ -409,10 +399,10 @@ def fmt(x, spec: str) -> str:
 
 
 def markdown_tables(summary: list[dict], polyhead: dict, memory: dict) -> str:
-    lines = ["| variant | shape | median s | tokens/s | x base |", "|---|---|---:|---:|---:|"]
+    lines = ["| variant | shape | median s | min s | tokens/s | x base |", "|---|---|---:|---:|---:|---:|"]
     for r in summary:
-        lines.append(f"| {r['variant']} | {r['shape']} | {r['median_s']:.4f} | {r['tokens_per_s']:,.0f} "
-                     f"| {r['ratio_to_base']:.2f} |")
+        lines.append(f"| {r['variant']} | {r['shape']} | {r['median_s']:.4f} | {r['min_s']:.4f} "
+                     f"| {r['tokens_per_s']:,.0f} | {r['ratio_to_base']:.2f} |")
     lines += ["", "| polyhead | shape | load median ms | load p95 ms | slot bytes | adapter file MB "
               "| fwd peak +MB base | fwd peak +MB polyhead | polyhead/base |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -425,6 +415,8 @@ def markdown_tables(summary: list[dict], polyhead: dict, memory: dict) -> str:
                      f"| {fmt(m.get('polyhead_over_base'), '.2f')} |")
     notes = sorted({p["note"] for p in polyhead.values() if p.get("note")}
                    | {p["slot_bytes_note"] for p in polyhead.values() if p.get("slot_bytes_note")})
+    notes.append("tokens/s and x base (base median / variant median) use medians; min s is the fastest "
+                 "repetition (the machine may be shared: loadavg_per_rep in the JSON)")
     return "\n".join(lines + [""] + [f"Note: {n}" for n in notes]) + "\n"
 
 
@@ -472,13 +464,14 @@ def main(argv=None) -> None:
     note = polyhead_unavailable()
     if note:
         print(f"NOTE: polyhead variant skipped: {note}", flush=True)
-    summary, raw, checks, polyhead, memory = [], {}, {}, {}, {}
+    summary, raw, loadavg, checks, polyhead, memory = [], {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="polyhead-bench-adapters-") as tmp:
         t0 = time.perf_counter()
         dirs = make_adapters(Path(tmp), max(s.adapters for s in shapes), args.seed)
         print(f"made {len(dirs)} adapters ({file_mb(dirs[0]):.2f} MB each) in {time.perf_counter() - t0:.1f}s")
         for shape in shapes:
-            seconds, checks[shape.name], polyhead[shape.name] = bench_shape(shape, dirs[: shape.adapters], args, note)
+            seconds, loadavg[shape.name], checks[shape.name], polyhead[shape.name] = bench_shape(
+                shape, dirs[: shape.adapters], args, note)
             raw[shape.name] = seconds
             summary += summarize(shape, seconds)
             gc.collect()
@@ -489,7 +482,7 @@ def main(argv=None) -> None:
     report = {"environment": environment(threads), "config": {"reps": args.reps, "warmup": args.warmup,
               "shapes": {s.name: asdict(s) for s in shapes}, "seed": args.seed, "lora": {
                   "r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS, "A_std": "1/sqrt(fan_in)", "B_std": 0.05}},
-              "raw_seconds": raw, "summary": summary, "sanity": checks, "polyhead": polyhead,
+              "raw_seconds": raw, "loadavg_per_rep": loadavg, "summary": summary, "sanity": checks, "polyhead": polyhead,
               "forward_peak_memory": memory, "markdown": table}
     write_results(args.out, report, table)
 
