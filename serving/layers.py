@@ -114,7 +114,7 @@ def attach_lora(name: str, module: nn.Module, slots: LoraSlots, state: ForwardSt
             state.kernels.rescale_output(y2, bias, slots.G, plan, tpr)
             state.kernels.expand(y2, u, slots.B, plan, tpr)
             return y
-        y2 = state.kernels.linear_expand(x2, weight, bias, conv1d, u, slots.B, plan, tpr)
+        y2 = state.kernels.linear_expand(x2, weight, conv1d, u, slots.Bb, plan, tpr)
         return y2.view(*x.shape[:-1], d_out)
 
     module.forward = forward

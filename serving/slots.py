@@ -1,7 +1,8 @@
 """Slots: adapter weights resident in preallocated, fixed-shape stacked tensors on the model's device.
 
 For each adapted module, `A[S, R, d_in]`, `B[S, d_out, R]`, `scale[S]` (and `G[S, d_out]`
-once a DoRA adapter lands there); heads have `W[S, C, H]`, `b[S, C]`. Slot tensors exist
+once a DoRA adapter lands there); B is stored as the last R columns of `Bb[S, d_out, 1 + R]`,
+whose column 0 holds the base layer's bias, so one matmul writes bias + delta; heads have `W[S, C, H]`, `b[S, C]`. Slot tensors exist
 only for the modules some loaded adapter adapts; their rank capacity R grows to the
 largest rank loaded (up to max_rank). `SlotPool` maps adapter names to slot ids, LRU.
 """
@@ -23,12 +24,15 @@ def _round_up(n: int, m: int) -> int:
 class LoraSlots:
     """Slot tensors of one adapted linear module."""
 
-    def __init__(self, shape: LinearShape, max_slots: int, max_rank: int, dtype: torch.dtype, device):
+    def __init__(self, shape: LinearShape, max_slots: int, max_rank: int, dtype: torch.dtype, device,
+                 bias: torch.Tensor | None = None):
         self.shape, self.max_rank = shape, max_rank
         self.dtype, self.device = dtype, device
         S = max_slots
         self.A = torch.zeros(S, 0, shape.d_in, dtype=dtype, device=device)  # [S, R, d_in]
-        self.B = torch.zeros(S, shape.d_out, 0, dtype=dtype, device=device)  # [S, d_out, R]
+        self.Bb = torch.zeros(S, shape.d_out, 1, dtype=dtype, device=device)  # [S, d_out, 1 + R]: [bias | B]
+        if bias is not None:
+            self.Bb[:, :, 0] = bias.detach().to(dtype)
         self.scale = torch.zeros(S, dtype=dtype, device=device)  # [S]
         self.G: torch.Tensor | None = None  # [S, d_out] DoRA output factor, 1 where not DoRA
         self.ranks = [0] * S
@@ -39,17 +43,21 @@ class LoraSlots:
     def capacity(self) -> int:
         return self.A.shape[1]
 
+    @property
+    def B(self) -> torch.Tensor:
+        return self.Bb[:, :, 1:]  # [S, d_out, R]
+
     def nbytes(self) -> int:
         extra = self.G.nbytes if self.G is not None else 0
-        return self.A.nbytes + self.B.nbytes + self.scale.nbytes + extra
+        return self.A.nbytes + self.Bb.nbytes + self.scale.nbytes + extra
 
     def _grow(self, rank: int) -> None:
         new = min(self.max_rank, max(8, _round_up(rank, 8)))
         S, R = self.A.shape[0], self.capacity
         A = torch.zeros(S, new, self.shape.d_in, dtype=self.dtype, device=self.device)
-        B = torch.zeros(S, self.shape.d_out, new, dtype=self.dtype, device=self.device)
-        A[:, :R], B[:, :, :R] = self.A, self.B
-        self.A, self.B = A, B
+        Bb = torch.zeros(S, self.shape.d_out, 1 + new, dtype=self.dtype, device=self.device)
+        A[:, :R], Bb[:, :, :1 + R] = self.A, self.Bb
+        self.A, self.Bb = A, Bb
         if self.on_resize is not None:
             self.on_resize()
 
@@ -215,7 +223,8 @@ class SlotPool:
     def _write(self, slot: int, spec: AdapterSpec) -> None:
         for module in spec.lora:
             if module not in self.lora:
-                slots = LoraSlots(self._shapes[module], self.max_slots, self.max_rank, self.dtype, self.device)
+                slots = LoraSlots(self._shapes[module], self.max_slots, self.max_rank, self.dtype, self.device,
+                                  getattr(self._linears[module], "bias", None))
                 self.lora[module] = slots
                 self._on_new_module(module, slots)
         for module, slots in self.lora.items():

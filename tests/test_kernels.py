@@ -89,3 +89,22 @@ def test_fused_shrink_of_modules_sharing_an_input(kernels):
         kernels.expand(got, u, B, plan, T)
         reference.add_lora(want, x, A, B, scale, r, plan, T)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias, conv1d", [(True, False), (False, False), (True, True)])
+def test_linear_expand_matches_base_plus_reference_delta(bias, conv1d):
+    g = torch.Generator().manual_seed(5)
+    S, R, d_in, d_out, T, ranks = 4, 8, 21, 13, 3, [8, 3, 0, 5]
+    A, B, scale = random_slots(S, R, d_in, d_out, ranks, torch.float32, g)
+    W = torch.randn(d_out, d_in, generator=g)
+    b = torch.randn(d_out, generator=g) if bias else torch.zeros(d_out)
+    Bb = torch.cat([b.view(1, d_out, 1).expand(S, d_out, 1), B], dim=2)  # [S, d_out, 1 + R]: bias in column 0
+    plan = BatchPlan.build([1, -1, 3, 1, 2, 0, -1, 3, 2])
+    x = torch.randn(9 * T, d_in, generator=g)
+    want = x @ W.T + b
+    reference.add_lora(want, x, A, B, scale, ranks, plan, T)
+    weight = W.T.contiguous() if conv1d else W
+    for kernels in (cpu, reference):
+        [u] = kernels.shrink(x, A, [(0, R)], [scale], [ranks], plan, T)
+        got = kernels.linear_expand(x, weight, conv1d, u, Bb, plan, T)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

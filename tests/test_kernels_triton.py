@@ -158,8 +158,9 @@ def test_linear_expand_matches_reference(dtype, bias, conv1d):
     x = torch.randn(6 * tpr, d_in, generator=g).to(DEVICE, dtype)
     [u_ref] = reference.shrink(x, A, [(0, R)], [scale], [ranks], plan, tpr)
     [u_tri] = triton_lora.shrink(x, A, [(0, R)], [scale], [ranks], plan, tpr)
-    want = reference.linear_expand(x, weight, b, conv1d, u_ref, B, plan, tpr)
-    got = triton_lora.linear_expand(x, weight, b, conv1d, u_tri, B, plan, tpr)
+    Bb = torch.cat([(b if bias else torch.zeros_like(W[:, 0])).view(1, d_out, 1).expand(S, d_out, 1), B], dim=2)
+    want = reference.linear_expand(x, weight, conv1d, u_ref, Bb, plan, tpr)
+    got = triton_lora.linear_expand(x, weight, conv1d, u_tri, Bb, plan, tpr)
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 

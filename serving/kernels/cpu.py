@@ -83,27 +83,27 @@ def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, 
             ys.sub_(bias).mul_(g).add_(bias)
 
 
-def linear_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
-                  u: list[torch.Tensor | None], B: torch.Tensor, plan: BatchPlan, tpr: int) -> torch.Tensor:
+def linear_expand(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, u: list[torch.Tensor | None],
+                  Bb: torch.Tensor, plan: BatchPlan, tpr: int) -> torch.Tensor:
     """Same semantics as reference.linear_expand, with the expand folded into the base matmul.
 
-    The output starts as bias (+ each bucket's u @ B.T, written once), and the base matmul then
-    accumulates into it (addmm with beta=1): no extra pass over y for the adapter delta.
+    The output is first written once by [1 | u] @ [bias | B].T per bucket (the bias rides in
+    column 0 of the slot tensor, so the expand is one write, not a read-modify-write), then the
+    base matmul accumulates into it (addmm with beta=1).
     """
-    N, d_out = x.shape[0], weight.shape[1] if conv1d else weight.shape[0]
+    N, d_out = x.shape[0], Bb.shape[1]
+    bias = Bb[0, :, 0]  # [d_out]
     y = torch.empty(N, d_out, dtype=x.dtype, device=x.device)
     start = plan.segments[0].row0 * tpr if plan.segments else N  # base rows come first
-    y[:start] = 0 if bias is None else bias
+    y[:start] = bias
     for bucket, ub in zip(plan.buckets, u):
         t0 = bucket.row0 * tpr
         ys = y[t0:t0 + bucket.n_seg * bucket.rows_per_seg * tpr]
         if ub is None:
-            ys[:] = 0 if bias is None else bias
+            ys[:] = bias
             continue
         n, L, w = ub.shape
-        b = _slot_rows(B[:, :, :w], bucket).transpose(1, 2)  # [n, w, d_out]
-        if bias is None:
-            torch.bmm(ub, b, out=ys.view(n, L, d_out))
-        else:
-            torch.baddbmm(bias, ub, b, out=ys.view(n, L, d_out))
+        ones_u = torch.cat([ub.new_ones(n, L, 1), ub], dim=2)  # [n, L, 1 + w]
+        b = _slot_rows(Bb[:, :, :1 + w], bucket).transpose(1, 2)  # [n, 1 + w, d_out]
+        torch.bmm(ones_u, b, out=ys.view(n, L, d_out))
     return y.addmm_(x, weight if conv1d else weight.T)

@@ -64,14 +64,14 @@ def rescale_output(y: torch.Tensor, bias: torch.Tensor | None, G: torch.Tensor, 
         y[t0:t1] = G[slot] * (y[t0:t1] - b) + b
 
 
-def linear_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
-                  u: torch.Tensor, B: torch.Tensor, plan: BatchPlan, tpr: int) -> torch.Tensor:
-    """Semantics: the base layer plus expand: y = x @ W.T + bias, then y[t] += u[t] @ B[s].T.
+def linear_expand(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, u: torch.Tensor, Bb: torch.Tensor,
+                  plan: BatchPlan, tpr: int) -> torch.Tensor:
+    """Semantics: the base layer plus expand: y = x @ W.T + bias, then y[t] += u[t] @ B[s].T,
+    where Bb[s] = [bias | B[s]]: column 0 of every slot holds the base layer's bias (zeros if none).
 
-    weight: [d_out, d_in] (nn.Linear) or [d_in, d_out] (GPT-2 Conv1D, conv1d=True). Returns y: [N, d_out].
+    weight: [d_out, d_in] (nn.Linear) or [d_in, d_out] (GPT-2 Conv1D, conv1d=True); Bb: [S, d_out, 1 + R].
+    Returns y: [N, d_out].
     """
-    y = x @ (weight if conv1d else weight.T)
-    if bias is not None:
-        y = y + bias
-    expand(y, u, B, plan, tpr)
+    y = x @ (weight if conv1d else weight.T) + Bb[0, :, 0]
+    expand(y, u, Bb[:, :, 1:], plan, tpr)
     return y

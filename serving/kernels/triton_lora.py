@@ -289,15 +289,15 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     expand(y, u, B, plan, tpr)
 
 
-def linear_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
-                  u: Shrunk, B: torch.Tensor, plan: BatchPlan, tpr: int) -> torch.Tensor:
-    """Semantics: the base layer plus expand: y = x @ W.T + bias (cuBLAS), then y[t] += u[t] @ B[s].T (Triton).
+def linear_expand(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, u: Shrunk, Bb: torch.Tensor,
+                  plan: BatchPlan, tpr: int) -> torch.Tensor:
+    """Semantics: the base layer plus expand: y = x @ W.T + bias (cuBLAS), then y[t] += u[t] @ B[s].T (Triton),
+    with Bb[s] = [bias | B[s]] as in reference.linear_expand.
 
     weight: [d_out, d_in] (nn.Linear) or [d_in, d_out] (GPT-2 Conv1D, conv1d=True). Returns y: [N, d_out].
     """
-    w = weight if conv1d else weight.T
-    y = x @ w if bias is None else torch.addmm(bias, x, w)
-    expand(y, u, B, plan, tpr)
+    y = torch.addmm(Bb[0, :, 0], x, weight if conv1d else weight.T)
+    expand(y, u, Bb[:, :, 1:], plan, tpr)
     return y
 
 
