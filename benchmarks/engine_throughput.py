@@ -196,6 +196,18 @@ def polyhead_engine(shape: Shape, dirs: list[Path]):
     return eng, seconds
 
 
+def scattered_engine(shape: Shape, dirs: list[Path]):
+    """Like polyhead_engine, but a pool twice the batch's adapters with the batch's adapters in every other slot,
+    so no bucket's slots are consecutive: the kernel gathers weights instead of reading them in place."""
+    from serving import Engine
+
+    eng = Engine.from_pretrained(base_dir(), device="cpu", dtype="float32", max_slots=2 * shape.adapters)
+    for i, d in enumerate(dirs):
+        eng.load_adapter(f"a{i}", str(d))
+        eng.load_adapter(f"filler{i}", str(d))
+    return eng
+
+
 def polyhead_infer(eng, id_lists: list[list[int]], names: list[str]):
     from serving import Request
 
@@ -209,10 +221,10 @@ def polyhead_embeddings(results) -> torch.Tensor:
     return torch.stack([r.embedding for r in results])  # [rows, hidden]
 
 
-def polyhead_variant(eng, ids: torch.Tensor, names: list[str]) -> Variant:
+def polyhead_variant(eng, ids: torch.Tensor, names: list[str], name: str = "polyhead") -> Variant:
     id_lists = ids.tolist()  # python lists of ints, as a caller sends them
     polyhead_embeddings(polyhead_infer(eng, id_lists, names))  # fail before timing if any row errs
-    return Variant("polyhead", lambda: polyhead_infer(eng, id_lists, names), polyhead_embeddings)
+    return Variant(name, lambda: polyhead_infer(eng, id_lists, names), polyhead_embeddings)
 
 
 def polyhead_stats(eng, dirs: list[Path], load_seconds: list[float]) -> dict:
@@ -267,7 +279,7 @@ def sanity_checks(emb: dict[str, torch.Tensor]) -> dict:
     if "shared_lora_unmerged" in emb:
         checks["lora_vs_base_max_abs_diff"] = (emb["shared_lora_unmerged"] - emb["base"]).abs().max().item()
     ref = emb["peft_set_adapter_loop"]
-    for name in ("peft_mixed_batch", "polyhead"):
+    for name in ("peft_mixed_batch", "polyhead", "polyhead_scattered_slots"):
         if name in emb:
             checks[f"{name}_vs_set_adapter_loop_max_abs_diff"] = (emb[name].float() - ref).abs().max().item()
     return checks
@@ -283,6 +295,7 @@ def bench_shape(shape: Shape, dirs: list[Path], args, polyhead_note: str | None)
         try:
             eng, load_seconds = polyhead_engine(shape, dirs)
             variants.append(polyhead_variant(eng, ids, names))
+            variants.append(polyhead_variant(scattered_engine(shape, dirs), ids, names, "polyhead_scattered_slots"))
             extra = {"available": True, "note": None, **polyhead_stats(eng, dirs, load_seconds)}
         except Exception as exc:
             extra["note"] = f"polyhead failed, variant skipped: {type(exc).__name__}: {exc}"
