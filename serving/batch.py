@@ -7,7 +7,7 @@ buckets that a kernel runs as one batched matmul.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,7 @@ class BatchPlan:
     segments: tuple[Segment, ...]  # adapter rows only, in sorted order
     buckets: tuple[Bucket, ...]
     token_slots: torch.Tensor  # [B] int64 slot per sorted row (reference kernels expand it per token)
+    workspace: dict = field(default_factory=dict, compare=False)  # kernels' scratch buffers, kept by the engine
 
     @property
     def num_rows(self) -> int:
@@ -54,7 +55,7 @@ class BatchPlan:
         return bool(self.segments)
 
     @classmethod
-    def build(cls, slots: list[int], device: torch.device | str = "cpu") -> "BatchPlan":
+    def build(cls, slots: list[int], device: torch.device | str = "cpu", workspace: dict | None = None) -> "BatchPlan":
         counts = Counter(s for s in slots if s >= 0)
         # base rows first, then segments ordered by (row count, slot): equal-size segments adjoin
         rank = {s: i for i, s in enumerate(sorted(counts, key=lambda s: (counts[s], s)))}
@@ -81,4 +82,5 @@ class BatchPlan:
             segments=tuple(segments),
             buckets=tuple(buckets),
             token_slots=torch.tensor(row_slots, dtype=torch.long, device=device),
+            workspace={} if workspace is None else workspace,
         )

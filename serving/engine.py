@@ -76,6 +76,7 @@ class Engine:
         self._linears = linears
         self._specs: dict[str, AdapterSpec] = {}
         self._lock = threading.RLock()
+        self._workspace: dict = {}  # kernels' scratch buffers, reused by every forward (under the lock)
         self.forwards = 0
 
     @classmethod
@@ -209,7 +210,7 @@ class Engine:
             specs = {r.name: self._specs[r.name] for r in live if r.name is not None}
             slot_of = self.pool.acquire(list(specs.values()))
             try:
-                plan = BatchPlan.build([slot_of[r.name] if r.name else -1 for r in live], self.device)
+                plan = BatchPlan.build([slot_of[r.name] if r.name else -1 for r in live], self.device, self._workspace)
                 rows = [live[i] for i in plan.order]
                 self._state.begin(plan)
                 try:
@@ -228,20 +229,18 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, rows: list[_Row], plan: BatchPlan) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         B, T = len(rows), max(len(r.ids) for r in rows)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
-            mask[i, : len(r.ids)] = 1
+        ids = torch.tensor([r.ids + [self.pad_id] * (T - len(r.ids)) for r in rows], dtype=torch.long)  # [B, T]
+        mask = torch.tensor([[1] * len(r.ids) + [0] * (T - len(r.ids)) for r in rows], dtype=torch.long)  # [B, T]
         ids, mask = ids.to(self.device), mask.to(self.device)
+        model_mask = None if all(len(r.ids) == T for r in rows) else mask  # no padding: attention needs no mask
         self.forwards += 1
         if self.causal:
             backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+            hidden = backbone(input_ids=ids, attention_mask=model_mask).last_hidden_state  # [B, T, H]
             lm_logits = self.model.get_output_embeddings()(hidden)  # [B, T, V]
             heads = {i: lm_logits[i] for i in range(B)}
         else:
-            out = self.model(input_ids=ids, attention_mask=mask)
+            out = self.model(input_ids=ids, attention_mask=model_mask)
             hidden, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
             heads = head_logits(self.pool.heads, plan, hidden, pooled)
         emb = mean_pool(hidden, mask).cpu()

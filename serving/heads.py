@@ -37,6 +37,7 @@ def head_logits(heads: HeadSlots, plan: BatchPlan, hidden: torch.Tensor,
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H], [B, T] -> [B, H]: mean over each row's real tokens, in float32."""
-    m = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.to(torch.float32) * m).sum(1) / m.sum(1).clamp(min=1)
+    """[B, T, H], [B, T] -> [B, H]: mean over each row's real tokens, in float32 (no [B, T, H] temporary)."""
+    m = mask.to(hidden.dtype).unsqueeze(1)  # [B, 1, T]
+    summed = torch.bmm(m, hidden).squeeze(1).to(torch.float32)  # [B, H]
+    return summed / mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)

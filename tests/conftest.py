@@ -5,6 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter in tests; it is read when kernels are decorated.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 

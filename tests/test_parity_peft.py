@@ -89,6 +89,18 @@ def test_case_matches_reference(case):
         assert info["max_abs_diff_vs_base"] > 10 * info["atol"], "the adapter must change the output"
 
 
+@pytest.mark.parametrize("case", ["minilm_lora_tokencls", "tiny_gpt2_lora_attn"])
+def test_case_matches_reference_with_triton_kernels(case):
+    """The Triton kernels (in the interpreter on CPUs) give the reference outputs too."""
+    info = case_info(case)
+    eng = Engine.from_pretrained(str(base_path(info["base"])), max_slots=2, kernel="triton")
+    eng.load_adapter(case, info["adapter_dir"])
+    rows = [0, 1]
+    results = eng.infer([Request(adapter=case, input_ids=row_ids(info, i)) for i in rows])
+    for i, res in zip(rows, results):
+        check_row(res, info, i, f"{case}[{i}] triton")
+
+
 def mixed_scenarios():
     scenarios = json.loads((fixtures_root() / "mixed.json").read_text())
     out = []

@@ -17,12 +17,23 @@ import torch
 from ..batch import Bucket, BatchPlan
 
 
-def _slot_rows(t: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-    """t[bucket's slots]: a view when the slots are consecutive, else one gather."""
+def _slot_rows(t: torch.Tensor, bucket: Bucket, workspace: dict | None = None, role: str = "") -> torch.Tensor:
+    """t[bucket's slots]: a view when the slots are consecutive, else one gather.
+
+    A gather writes into `workspace[role]`, a buffer kept across forwards (the plan carries the
+    engine's), so large gathers do not pay for fresh pages every time.
+    """
     first, n = bucket.slots[0], bucket.n_seg
     if bucket.slots[-1] - first == n - 1:  # slots are sorted and distinct
         return t[first:first + n]
-    return t.index_select(0, bucket.slot_index)
+    if workspace is None:
+        return t.index_select(0, bucket.slot_index)
+    shape = (n,) + tuple(t.shape[1:])
+    numel = n * t[0].numel()
+    buf = workspace.get(role)
+    if buf is None or buf.numel() < numel or buf.dtype != t.dtype or buf.device != t.device:
+        buf = workspace[role] = torch.empty(numel, dtype=t.dtype, device=t.device)
+    return torch.index_select(t, 0, bucket.slot_index, out=buf[:numel].view(shape))
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scales: list[torch.Tensor],
@@ -38,7 +49,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scale
         n, L = bucket.n_seg, bucket.rows_per_seg * tpr
         # one member: only its bucket rank; several: the whole side-by-side block
         span = widths[0] if len(parts) == 1 else A.shape[1]
-        a = _slot_rows(A[:, :span], bucket)  # [n, span, d_in]
+        a = _slot_rows(A[:, :span], bucket, plan.workspace, "A")  # [n, span, d_in]
         t0 = bucket.row0 * tpr
         u_all = torch.bmm(x[t0:t0 + n * L].view(n, L, d_in), a.transpose(1, 2))  # [n, L, span]
         for i, ((off, _), w) in enumerate(zip(parts, widths)):
@@ -58,7 +69,7 @@ def expand(y: torch.Tensor, u: list[torch.Tensor | None], B: torch.Tensor, plan:
             continue
         n, L, w = ub.shape
         t0 = bucket.row0 * tpr
-        b = _slot_rows(B[:, :, :w], bucket)  # [n, d_out, w]
+        b = _slot_rows(B[:, :, :w], bucket, plan.workspace, "B")  # [n, d_out, w]
         y[t0:t0 + n * L].view(n, L, d_out).baddbmm_(ub, b.transpose(1, 2))
 
 
@@ -104,6 +115,6 @@ def linear_expand(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, u: list[t
             continue
         n, L, w = ub.shape
         ones_u = torch.cat([ub.new_ones(n, L, 1), ub], dim=2)  # [n, L, 1 + w]
-        b = _slot_rows(Bb[:, :, :1 + w], bucket).transpose(1, 2)  # [n, 1 + w, d_out]
+        b = _slot_rows(Bb[:, :, :1 + w], bucket, plan.workspace, "B").transpose(1, 2)  # [n, 1 + w, d_out]
         torch.bmm(ones_u, b, out=ys.view(n, L, d_out))
     return y.addmm_(x, weight if conv1d else weight.T)
