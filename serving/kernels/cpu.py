@@ -36,6 +36,17 @@ def _slot_rows(t: torch.Tensor, bucket: Bucket, workspace: dict | None = None, r
     return torch.index_select(t, 0, bucket.slot_index, out=buf[:numel].view(shape))
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, M, K] @ [n, K, N]. A bucket of one segment runs as a plain mm: batch-1 bmm costs up to
+    1.6x more on small shapes (benchmarks/results/kernels_cpu.md, 1 adapter rows)."""
+    if a.shape[0] == 1:
+        if out is None:
+            return torch.mm(a[0], b[0]).unsqueeze(0)
+        torch.mm(a[0], b[0], out=out[0])
+        return out
+    return torch.bmm(a, b, out=out)
+
+
 def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scales: list[torch.Tensor],
            ranks: list[list[int]], plan: BatchPlan, tpr: int) -> list[list[torch.Tensor | None]]:
     d_in = x.shape[-1]
@@ -51,7 +62,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scale
         span = widths[0] if len(parts) == 1 else A.shape[1]
         a = _slot_rows(A[:, :span], bucket, plan.workspace, "A")  # [n, span, d_in]
         t0 = bucket.row0 * tpr
-        u_all = torch.bmm(x[t0:t0 + n * L].view(n, L, d_in), a.transpose(1, 2))  # [n, L, span]
+        u_all = _bmm(x[t0:t0 + n * L].view(n, L, d_in), a.transpose(1, 2))  # [n, L, span]
         for i, ((off, _), w) in enumerate(zip(parts, widths)):
             if w == 0:
                 out[i].append(None)
@@ -116,5 +127,5 @@ def linear_expand(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, u: list[t
         n, L, w = ub.shape
         ones_u = torch.cat([ub.new_ones(n, L, 1), ub], dim=2)  # [n, L, 1 + w]
         b = _slot_rows(Bb[:, :, :1 + w], bucket, plan.workspace, "B").transpose(1, 2)  # [n, 1 + w, d_out]
-        torch.bmm(ones_u, b, out=ys.view(n, L, d_out))
+        _bmm(ones_u, b, out=ys.view(n, L, d_out))
     return y.addmm_(x, weight if conv1d else weight.T)
