@@ -55,6 +55,9 @@ class AdapterSpec:
     lora: Mapping[str, LoraDelta] = field(default_factory=dict)  # base module name -> delta
     head: HeadSpec | None = None
     source: str = ""
+    # full copies of base weights a format saved beside the adapter (PEFT with an adapted lm_head):
+    # they must equal the served base's, which the engine checks at load
+    base_copies: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:

@@ -103,6 +103,11 @@ class Engine:
         """Validate the adapter folder and make it resident; a name loaded again is replaced."""
         spec = load_adapter_dir(path, self.schema, name=name, max_rank=self.max_rank, labels=labels,
                                 limits=self.limits)
+        for module, saved in spec.base_copies.items():
+            weight = self._linears[module].weight.detach()
+            if not torch.equal(saved.to(device=weight.device, dtype=weight.dtype), weight):
+                raise AdapterError(f"{path}: the adapter carries a changed copy of base layer '{module}' "
+                                   "(trained or resized base weights); polyhead serves one frozen base")
         with self._lock:
             self._specs[name] = spec
             self.pool.drop(name)

@@ -21,6 +21,7 @@ from ..spec import AdapterSpec, HeadSpec, LoraDelta
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+BASE_COPY_SUFFIX = ".base_layer.weight"
 HEAD_MODULES = ("classifier", "score")
 LORA_SUFFIXES = {
     "lora_A.weight": "A", "lora_A": "A",
@@ -44,7 +45,7 @@ def load_peft(folder: Path, name: str, schema: BaseSchema, *, max_rank: int,
     weights_path = folder / WEIGHTS_FILE
     tensors = read_safetensors(weights_path, limits)
 
-    groups, head_tensors = _group_tensors(weights_path, tensors)
+    groups, head_tensors, copies = _group_tensors(weights_path, tensors)
     is_adalora = peft_type == "ADALORA"
     lora, adapted_by = {}, {}
     for module_path, parts in sorted(groups.items()):
@@ -60,7 +61,26 @@ def load_peft(folder: Path, name: str, schema: BaseSchema, *, max_rank: int,
     if not lora and head is None:
         raise AdapterError(f"{weights_path}: no LoRA weights and no head: the adapter would change nothing")
     kind = "adalora" if is_adalora else "dora" if cfg.get("use_dora") else "rslora" if cfg.get("use_rslora") else "lora"
-    return AdapterSpec(name=name, format="peft", kind=kind, lora=lora, head=head, source=str(folder))
+    base_copies = _base_copies(weights_path, copies, schema, adapted_by)
+    return AdapterSpec(name=name, format="peft", kind=kind, lora=lora, head=head, source=str(folder),
+                       base_copies=base_copies)
+
+
+def _base_copies(weights_path: Path, copies: dict, schema: BaseSchema, adapted_by: dict) -> dict[str, torch.Tensor]:
+    """Saved copies of adapted layers' base weights, checked for shape here and for equality by the engine."""
+    out = {}
+    for module_path, tensor in copies.items():
+        target = schema.resolve_module(module_path)
+        if target is None or target not in adapted_by:
+            raise AdapterError(f"{weights_path}: tensor '{module_path}{BASE_COPY_SUFFIX}' is a base-layer weight of "
+                               "a module the adapter does not adapt")
+        shape = schema.linears[target]
+        want = [shape.d_in, shape.d_out] if shape.conv1d else [shape.d_out, shape.d_in]
+        if list(tensor.shape) != want:
+            raise AdapterError(f"{weights_path}: '{module_path}{BASE_COPY_SUFFIX}' is {list(tensor.shape)}, the base "
+                               f"layer is {want} (a resized vocabulary is not supported: one frozen base serves all)")
+        out[target] = tensor
+    return out
 
 
 def _refuse_unsupported_options(cfg_path: Path, cfg: dict) -> None:
@@ -99,10 +119,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _group_tensors(weights_path: Path, tensors: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """LoRA tensors by module path and part (A, B, E, m); head tensors by path ("classifier.weight")."""
+def _group_tensors(weights_path: Path, tensors: dict):
+    """LoRA tensors by module path and part (A, B, E, m); head tensors by path ("classifier.weight");
+    copies of base weights by module path (PEFT saves `lm_head.base_layer.weight` with an adapted lm_head)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     head_tensors: dict[str, torch.Tensor] = {}
+    base_copies: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(KEY_PREFIX):
             raise AdapterError(f"{weights_path}: tensor '{key}' does not start with '{KEY_PREFIX}' (not a PEFT adapter key)")
@@ -110,12 +132,15 @@ def _group_tensors(weights_path: Path, tensors: dict) -> tuple[dict[str, dict[st
         if _is_head(path):
             head_tensors[path] = tensor
             continue
+        if path.endswith(BASE_COPY_SUFFIX):
+            base_copies[path[: -len(BASE_COPY_SUFFIX)]] = tensor
+            continue
         module, part = _split_lora_key(weights_path, key, path)
         group = groups.setdefault(module, {})
         if part in group:  # e.g. both `lora_A` and `lora_A.weight`: one would silently win
             raise AdapterError(f"{weights_path}: module '{module}' has {PART_NAMES[part]} twice (tensor '{key}')")
         group[part] = tensor
-    return groups, head_tensors
+    return groups, head_tensors, base_copies
 
 
 def _is_head(path: str) -> bool:
