@@ -36,15 +36,27 @@ def _slot_rows(t: torch.Tensor, bucket: Bucket, workspace: dict | None = None, r
     return torch.index_select(t, 0, bucket.slot_index, out=buf[:numel].view(shape))
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[n, M, K] @ [n, K, N]. A bucket of one segment runs as a plain mm: batch-1 bmm costs up to
-    1.6x more on small shapes (benchmarks/results/kernels_cpu.md, 1 adapter rows)."""
-    if a.shape[0] == 1:
-        if out is None:
-            return torch.mm(a[0], b[0]).unsqueeze(0)
-        torch.mm(a[0], b[0], out=out[0])
+# Buckets of at most this many scattered segments run as one mm per segment on the slot tensor itself
+# (no gather); larger ones as one bmm over gathered weights. From benchmarks/results/kernels_cpu.md:
+# a per-segment loop wins up to ~4 adapters per bucket, a batched matmul from ~16.
+LOOP_MAX_SEGMENTS = 4
+
+
+def _matmul_slots(lhs: torch.Tensor, t: torch.Tensor, bucket: Bucket, workspace: dict, role: str,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[j] = lhs[j] @ t[slot_j].T for the bucket's segments j. lhs: [n, M, K], t: [S, N, K] -> [n, M, N].
+
+    Consecutive slots: one bmm on a view; a few scattered ones: one mm per segment; else gather + bmm.
+    """
+    n = bucket.n_seg
+    first = bucket.slots[0]
+    if out is None:
+        out = torch.empty(n, lhs.shape[1], t.shape[1], dtype=lhs.dtype, device=lhs.device)
+    if n == 1 or (n <= LOOP_MAX_SEGMENTS and bucket.slots[-1] - first != n - 1):
+        for j, slot in enumerate(bucket.slots):
+            torch.mm(lhs[j], t[slot].T, out=out[j])
         return out
-    return torch.bmm(a, b, out=out)
+    return torch.bmm(lhs, _slot_rows(t, bucket, workspace, role).transpose(1, 2), out=out)
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scales: list[torch.Tensor],
@@ -60,9 +72,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scale
         n, L = bucket.n_seg, bucket.rows_per_seg * tpr
         # one member: only its bucket rank; several: the whole side-by-side block
         span = widths[0] if len(parts) == 1 else A.shape[1]
-        a = _slot_rows(A[:, :span], bucket, plan.workspace, "A")  # [n, span, d_in]
         t0 = bucket.row0 * tpr
-        u_all = _bmm(x[t0:t0 + n * L].view(n, L, d_in), a.transpose(1, 2))  # [n, L, span]
+        u_all = _matmul_slots(x[t0:t0 + n * L].view(n, L, d_in), A[:, :span], bucket, plan.workspace, "A")  # [n, L, span]
         for i, ((off, _), w) in enumerate(zip(parts, widths)):
             if w == 0:
                 out[i].append(None)
@@ -80,8 +91,7 @@ def expand(y: torch.Tensor, u: list[torch.Tensor | None], B: torch.Tensor, plan:
             continue
         n, L, w = ub.shape
         t0 = bucket.row0 * tpr
-        b = _slot_rows(B[:, :, :w], bucket, plan.workspace, "B")  # [n, d_out, w]
-        y[t0:t0 + n * L].view(n, L, d_out).baddbmm_(ub, b.transpose(1, 2))
+        y[t0:t0 + n * L].view(n, L, d_out).add_(_matmul_slots(ub, B[:, :, :w], bucket, plan.workspace, "B"))
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
@@ -126,6 +136,5 @@ def linear_expand(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, u: list[t
             continue
         n, L, w = ub.shape
         ones_u = torch.cat([ub.new_ones(n, L, 1), ub], dim=2)  # [n, L, 1 + w]
-        b = _slot_rows(Bb[:, :, :1 + w], bucket, plan.workspace, "B").transpose(1, 2)  # [n, 1 + w, d_out]
-        _bmm(ones_u, b, out=ys.view(n, L, d_out))
+        _matmul_slots(ones_u, Bb[:, :, :1 + w], bucket, plan.workspace, "B", out=ys.view(n, L, d_out))
     return y.addmm_(x, weight if conv1d else weight.T)
