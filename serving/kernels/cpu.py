@@ -43,10 +43,11 @@ LOOP_MAX_SEGMENTS = 4
 
 
 def _matmul_slots(lhs: torch.Tensor, t: torch.Tensor, bucket: Bucket, workspace: dict, role: str,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[j] = lhs[j] @ t[slot_j].T for the bucket's segments j. lhs: [n, M, K], t: [S, N, K] -> [n, M, N].
+                  out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """out[j] (+)= lhs[j] @ t[slot_j].T for the bucket's segments j. lhs: [n, M, K], t: [S, N, K] -> [n, M, N].
 
     Consecutive slots: one bmm on a view; a few scattered ones: one mm per segment; else gather + bmm.
+    accumulate: add into `out` in place instead of overwriting it.
     """
     n = bucket.n_seg
     first = bucket.slots[0]
@@ -54,9 +55,13 @@ def _matmul_slots(lhs: torch.Tensor, t: torch.Tensor, bucket: Bucket, workspace:
         out = torch.empty(n, lhs.shape[1], t.shape[1], dtype=lhs.dtype, device=lhs.device)
     if n == 1 or (n <= LOOP_MAX_SEGMENTS and bucket.slots[-1] - first != n - 1):
         for j, slot in enumerate(bucket.slots):
-            torch.mm(lhs[j], t[slot].T, out=out[j])
+            if accumulate:
+                out[j].addmm_(lhs[j], t[slot].T)
+            else:
+                torch.mm(lhs[j], t[slot].T, out=out[j])
         return out
-    return torch.bmm(lhs, _slot_rows(t, bucket, workspace, role).transpose(1, 2), out=out)
+    rhs = _slot_rows(t, bucket, workspace, role).transpose(1, 2)
+    return out.baddbmm_(lhs, rhs) if accumulate else torch.bmm(lhs, rhs, out=out)
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, parts: list[tuple[int, int]], scales: list[torch.Tensor],
@@ -91,7 +96,8 @@ def expand(y: torch.Tensor, u: list[torch.Tensor | None], B: torch.Tensor, plan:
             continue
         n, L, w = ub.shape
         t0 = bucket.row0 * tpr
-        y[t0:t0 + n * L].view(n, L, d_out).add_(_matmul_slots(ub, B[:, :, :w], bucket, plan.workspace, "B"))
+        _matmul_slots(ub, B[:, :, :w], bucket, plan.workspace, "B", out=y[t0:t0 + n * L].view(n, L, d_out),
+                      accumulate=True)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
