@@ -85,6 +85,18 @@ def grouped_mm(c):
 CANDIDATES = [unrouted, polyhead, gather_bmm, segment_loop, grouped_mm]
 
 
+def dispatcher_choice(plan: BatchPlan) -> str:
+    """What serving.kernels.cpu does for this plan's buckets (see cpu._matmul_slots)."""
+    picks = set()
+    for b in plan.buckets:
+        consecutive = b.slots[-1] - b.slots[0] == b.n_seg - 1
+        if b.n_seg == 1 or (b.n_seg <= cpu.LOOP_MAX_SEGMENTS and not consecutive):
+            picks.add("mm per segment")
+        else:
+            picks.add("bmm in place" if consecutive else "gather + bmm")
+    return " / ".join(sorted(picks))
+
+
 def timed(fn, c, reps: int) -> float:
     fn(c)
     times = []
@@ -129,6 +141,7 @@ def main() -> None:
                     result[fn.__name__] = None if skip else timed(fn, c, args.reps if fn is not grouped_mm else 1)
                 routed = {k: v for k, v in result.items() if k in ("polyhead", "gather_bmm", "segment_loop", "grouped_mm") and v}
                 result["fastest"] = min(routed, key=routed.get)
+                result["polyhead_path"] = dispatcher_choice(c["plan"])
                 rows.append(result)
                 print(fmt_row(result), flush=True)
     write(rows)
@@ -136,7 +149,7 @@ def main() -> None:
 
 def fmt_row(r: dict) -> str:
     cells = [f"{r[f.__name__] * 1e3:9.2f}" if r[f.__name__] else f"{'skip':>9}" for f in CANDIDATES]
-    return f"{r['tokens']:6d} {r['rank']:4d} {r['adapters']:4d} " + " ".join(cells) + f"  {r['fastest']}"
+    return f"{r['tokens']:6d} {r['rank']:4d} {r['adapters']:4d} " + " ".join(cells) + f"  {r['fastest']:13s} {r['polyhead_path']}"
 
 
 def write(rows: list[dict]) -> None:
@@ -145,11 +158,12 @@ def write(rows: list[dict]) -> None:
             "date": time.strftime("%Y-%m-%d"), "unit": "seconds (median)"}
     (RESULTS / "kernels_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     names = [f.__name__ for f in CANDIDATES]
-    lines = ["| tokens | rank | adapters | " + " | ".join(f"{n} ms" for n in names) + " | fastest routed |",
-             "|" + "---|" * (len(names) + 4)]
+    lines = ["| tokens | rank | adapters | " + " | ".join(f"{n} ms" for n in names) + " | fastest routed | polyhead runs |",
+             "|" + "---|" * (len(names) + 5)]
     for r in rows:
         cells = [f"{r[n] * 1e3:.2f}" if r[n] else "skip" for n in names]
-        lines.append(f"| {r['tokens']} | {r['rank']} | {r['adapters']} | " + " | ".join(cells) + f" | {r['fastest']} |")
+        lines.append(f"| {r['tokens']} | {r['rank']} | {r['adapters']} | " + " | ".join(cells)
+                     + f" | {r['fastest']} | {r['polyhead_path']} |")
     (RESULTS / "kernels_cpu.md").write_text("\n".join(lines) + "\n")
     plot(rows)
 
