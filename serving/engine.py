@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from adapters_store import AdapterError, AdapterSpec, BaseSchema, FileLimits, check_name, load_adapter_dir
+from adapters_store import AdapterError, AdapterSpec, BaseSchema, FileLimits, load_adapter_dir
 from adapters_store.base import is_causal_config
 
 from . import kernels
