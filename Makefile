@@ -22,8 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 serve: $(STAMP)
-	@echo "make serve: the HTTP server arrives with the serving issue (issue 3); not available yet." >&2
-	@exit 1
+	$(PY) -m serving.cli serve --config deploy/serve_config.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py

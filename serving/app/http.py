@@ -1,0 +1,447 @@
+"""The HTTP ingress (FastAPI under @serve.ingress): validate, tokenize, fan rows out to ModelServer.
+
+Every error is JSON {"error": {"message", "type", "code"}}; bad input is never a 500.
+Bodies are read and parsed here (not by FastAPI) so that size limits, malformed JSON (400)
+and invalid fields (422) each get their own status.
+"""
+
+import asyncio
+import base64
+import hmac
+import json
+import math
+import time
+from typing import Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters_store import AdapterError, check_name
+
+from .config import ServeConfig
+from .metrics import AppMetrics
+from .routing import UnknownModel, resolve_model
+from .tagging import merge_entities
+
+ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
+    "adapter_not_found": (404, "not_found_error"),
+    "wrong_task": (422, "invalid_request_error"),
+    "adapter_invalid": (422, "invalid_request_error"),
+    "invalid_input": (422, "invalid_request_error"),
+}
+STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
+LOCAL_CLIENTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, headers: dict | None = None, adapter: str = "none"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers, self.adapter = status, message, code, headers, adapter
+
+
+def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": STATUS_TYPES.get(status, "server_error"), "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# request bodies (unknown fields ignored, no silent coercion) ------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class ClassifyBody(_Body):
+    model: str | list[str]
+    input: str | list[str]
+    threshold: float = Field(0.5, ge=0, le=1)  # multi-label heads
+
+
+class TagBody(_Body):
+    model: str | list[str]
+    input: str | list[str]
+
+
+class EmbeddingsBody(_Body):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+class AdapterBody(_Body):
+    name: str
+    source: str
+    labels: list[str] | None = None
+
+
+app = FastAPI(title="polyhead", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return error_response(exc.status, exc.message, exc.code, exc.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, str(exc.detail), code, getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return error_response(422, _summary(exc.errors()), "invalid_field")
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+def _summary(errors) -> str:
+    parts = [f"{'.'.join(map(str, e.get('loc', ()))) or 'body'}: {e.get('msg', '')}" for e in errors[:3]]
+    return "; ".join(parts)[:500]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _softmax(x: list[float]) -> list[float]:
+    m = max(x)
+    e = [math.exp(v - m) for v in x]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def _sigmoid(x: list[float]) -> list[float]:
+    return [1 / (1 + math.exp(-v)) if v >= 0 else math.exp(v) / (1 + math.exp(v)) for v in x]
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, model, config: dict):
+        from transformers import AutoTokenizer
+
+        self.cfg = ServeConfig(**config)
+        self.model = model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.resolved_base_dir(), local_files_only=True)
+        self.base_name = self.cfg.resolved_model_name()
+        self.metrics = AppMetrics()
+        self._info: dict | None = None  # ModelServer.info(), once it answered
+        self.draining = False
+
+    def __del__(self):  # Serve's graceful shutdown: /ready answers 503 from here on
+        self.draining = True
+
+    # plumbing -----------------------------------------------------------------------------
+
+    async def _serve(self, route: str, request: Request, handler) -> Response:
+        start = time.perf_counter()
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            self.metrics.errors.labels(route, exc.adapter, exc.code).inc()
+            response = error_response(exc.status, exc.message, exc.code, exc.headers)
+        self.metrics.requests.labels(route, str(response.status_code)).inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    async def _json(self, request: Request) -> dict:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", "body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes", "body_too_large")
+        try:
+            data = json.loads(bytes(body))
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"malformed JSON: {str(exc)[:200]}", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, f"the body must be a JSON object, got {type(data).__name__}", "invalid_field")
+        return data
+
+    @staticmethod
+    def _parse(body_type, data: dict):
+        try:
+            return body_type.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, _summary(exc.errors(include_input=False)), "invalid_field") from None
+
+    async def _model_info(self) -> dict:
+        if self._info is None:
+            try:
+                self._info = await self.model.info.remote()
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise ApiError(503, f"the model is not available yet: {type(exc).__name__}", "not_ready",
+                               {"Retry-After": "1"}) from None
+        return self._info
+
+    def _adapters(self, models: list) -> list[tuple[str, str | None]]:
+        """(model as given, adapter name or None for the base); 404 for names that cannot be adapters."""
+        out = []
+        for m in models:
+            try:
+                out.append((m, resolve_model(m, self.base_name, self.cfg.max_name_chars)))
+            except UnknownModel as exc:
+                raise ApiError(404, str(exc), "model_not_found", adapter="unknown") from None
+        return out
+
+    def _check_counts(self, n_inputs: int, n_models: int) -> None:
+        if n_inputs == 0:
+            raise ApiError(422, "input is empty", "empty_input")
+        if n_models == 0:
+            raise ApiError(422, "model is an empty list", "invalid_field")
+        if n_inputs * n_models > self.cfg.max_items:
+            raise ApiError(413, f"{n_inputs} inputs x {n_models} models is over the limit of {self.cfg.max_items} "
+                           "rows per request", "too_many_items")
+
+    def _check_tokens(self, ids: list[int], index: int, max_tokens: int) -> None:
+        if len(ids) > max_tokens:
+            raise ApiError(413, f"input {index} has {len(ids)} tokens, over the limit of {max_tokens}", "too_many_tokens")
+
+    def _encode(self, texts: list, max_tokens: int, offsets: bool = False) -> list:
+        out = []
+        for i, text in enumerate(texts):
+            if not text:
+                raise ApiError(422, f"input {i} is an empty string", "empty_input")
+            enc = self.tokenizer(text, add_special_tokens=True, truncation=False, return_offsets_mapping=offsets)
+            self._check_tokens(enc["input_ids"], i, max_tokens)
+            out.append(enc)
+        return out
+
+    async def _run_rows(self, rows: list[dict], names: list[str | None]) -> list[dict]:
+        results = await asyncio.gather(*[self.model.infer.remote(r) for r in rows], return_exceptions=True)
+        for res in results:
+            if isinstance(res, BackPressureError):
+                raise ApiError(503, "the server is overloaded: too many queued requests, retry later", "overloaded",
+                               {"Retry-After": "1"})
+            if isinstance(res, DeploymentUnavailableError):
+                raise ApiError(503, "the model is unavailable, retry later", "unavailable", {"Retry-After": "1"})
+            if isinstance(res, BaseException):
+                raise res
+        for res, name in zip(results, names):
+            if res.get("error"):
+                status, _ = ROW_CODES.get(res["code"], (422, ""))
+                adapter = "unknown" if res["code"] == "adapter_not_found" else (name or "base")
+                raise ApiError(status, res["error"], res["code"], adapter=adapter)
+        return results
+
+    def _respond(self, route: str, body: dict, rows: list[dict], names: list[str | None]) -> JSONResponse:
+        for row, name in zip(rows, names):
+            self.metrics.observe_row(route, name, row)
+        headers = {"x-polyhead-batch-size": str(max(r["batch_size"] for r in rows)),
+                   "x-polyhead-batch-adapters": str(max(r["batch_adapters"] for r in rows))}
+        return JSONResponse(body, headers=headers)
+
+    # routes -------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self):
+        if self.draining:
+            return error_response(503, "draining", "draining", {"Retry-After": "1"})
+        try:
+            await asyncio.wait_for(self._model_info(), timeout=5)
+        except (ApiError, asyncio.TimeoutError):
+            return error_response(503, "warming up: the model deployment has not answered yet", "not_ready",
+                                  {"Retry-After": "1"})
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics(self):
+        try:
+            self.metrics.engine.snapshot = await asyncio.wait_for(self.model.stats.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - a scrape still answers with the ingress's own metrics
+            pass
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        return await self._serve("models", request, self._models)
+
+    async def _models(self, request: Request):
+        adapters = await self.model.list_adapters.remote()
+        data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
+        data += [{"id": a["name"], "object": "model", "created": 0, "owned_by": "polyhead", "parent": self.base_name,
+                  "task": a["task"], "labels": a["labels"]} for a in adapters]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/classify")
+    async def classify(self, request: Request):
+        return await self._serve("classify", request, self._classify)
+
+    async def _classify(self, request: Request):
+        body = self._parse(ClassifyBody, await self._json(request))
+        models, texts = _as_list(body.model), _as_list(body.input)
+        self._check_counts(len(texts), len(models))
+        pairs = self._adapters(models)
+        info = await self._model_info()
+        encs = self._encode(texts, info["max_tokens"])
+        rows, names, meta = [], [], []
+        for i, enc in enumerate(encs):
+            for model, name in pairs:
+                rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "seq"})
+                names.append(name)
+                meta.append((i, model))
+        results = await self._run_rows(rows, names)
+        data = []
+        for (i, model), res in zip(meta, results):
+            logits, labels = res["logits"], res["labels"]
+            if res["task"] == "multilabel":
+                probs = _sigmoid(logits)
+                above = [lab for lab, p in zip(labels, probs) if p > body.threshold]
+            else:
+                probs, above = _softmax(logits), None
+            item = {"index": i, "model": model, "label": labels[max(range(len(probs)), key=probs.__getitem__)],
+                    "probs": probs, "logits": logits}
+            if above is not None:
+                item["labels"] = above
+            data.append(item)
+        return self._respond("classify", {"object": "list", "data": data}, results, names)
+
+    @app.post("/v1/tag")
+    async def tag(self, request: Request):
+        return await self._serve("tag", request, self._tag)
+
+    async def _tag(self, request: Request):
+        body = self._parse(TagBody, await self._json(request))
+        models, texts = _as_list(body.model), _as_list(body.input)
+        self._check_counts(len(texts), len(models))
+        pairs = self._adapters(models)
+        info = await self._model_info()
+        encs = self._encode(texts, info["max_tokens"], offsets=True)
+        rows, names, meta = [], [], []
+        for i, enc in enumerate(encs):
+            for model, name in pairs:
+                rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "token"})
+                names.append(name)
+                meta.append((i, model, enc["offset_mapping"]))
+        results = await self._run_rows(rows, names)
+        data = []
+        for (i, model, offsets), res in zip(meta, results):
+            labels, tags, scores = res["labels"], [], []
+            for token_logits in res["logits"]:
+                probs = _softmax(token_logits)
+                best = max(range(len(probs)), key=probs.__getitem__)
+                tags.append(labels[best])
+                scores.append(probs[best])
+            entities = merge_entities(tags, scores, [tuple(o) for o in offsets], texts[i])
+            data.append({"index": i, "model": model, "entities": entities})
+        return self._respond("tag", {"object": "list", "data": data}, results, names)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        return await self._serve("embeddings", request, self._embeddings)
+
+    async def _embeddings(self, request: Request):
+        body = self._parse(EmbeddingsBody, await self._json(request))
+        inputs = body.input
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # one text or one list of token ids
+        self._check_counts(len(inputs), 1)
+        (_, name), = self._adapters([body.model])
+        info = await self._model_info()
+        if body.dimensions is not None and body.dimensions != info["hidden_size"]:
+            raise ApiError(422, f"dimensions={body.dimensions}: this model gives {info['hidden_size']} dimensions",
+                           "invalid_field")
+        rows = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                ids = self._encode([item], info["max_tokens"])[0]["input_ids"]
+            else:
+                if not item:
+                    raise ApiError(422, f"input {i} is an empty list of token ids", "empty_input")
+                self._check_tokens(item, i, info["max_tokens"])
+                ids = item
+            rows.append({"adapter": name, "input_ids": ids, "need": "embedding"})
+        results = await self._run_rows(rows, [name] * len(rows))
+        data = []
+        for i, res in enumerate(results):
+            emb = res["embedding"]
+            if body.encoding_format == "base64":
+                emb = base64.b64encode(np.asarray(emb, dtype="<f4").tobytes()).decode("ascii")
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = sum(len(r["input_ids"]) for r in rows)
+        out = {"object": "list", "data": data, "model": body.model,
+               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return self._respond("embeddings", out, results, [name] * len(rows))
+
+    # admin --------------------------------------------------------------------------------
+
+    def _check_admin(self, request: Request) -> None:
+        key = self.cfg.admin_api_key
+        if key is None:
+            host = request.client.host if request.client else None
+            if host not in LOCAL_CLIENTS:
+                raise ApiError(403, "admin routes answer only local clients when no admin_api_key is configured",
+                               "forbidden")
+            return
+        auth = request.headers.get("authorization")
+        if not auth:
+            raise ApiError(401, "admin route: send Authorization: Bearer <admin key>", "missing_api_key",
+                           {"WWW-Authenticate": "Bearer"})
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "admin route: Authorization must be 'Bearer <admin key>'", "missing_api_key",
+                           {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(403, "admin route: wrong API key", "invalid_api_key")
+
+    @app.get("/v1/adapters")
+    async def list_adapters(self, request: Request):
+        return await self._serve("adapters", request, self._list_adapters)
+
+    async def _list_adapters(self, request: Request):
+        self._check_admin(request)
+        adapters = await self.model.list_adapters.remote()
+        return JSONResponse({"object": "list", "data": adapters})
+
+    @app.post("/v1/adapters")
+    async def add_adapter(self, request: Request):
+        return await self._serve("adapters", request, self._add_adapter)
+
+    async def _add_adapter(self, request: Request):
+        self._check_admin(request)
+        body = self._parse(AdapterBody, await self._json(request))
+        try:
+            check_name(body.name)
+        except AdapterError as exc:
+            raise ApiError(422, str(exc), "invalid_name") from None
+        out = await self.model.add_adapter.remote(body.name, body.source, body.labels)
+        if out.get("error"):
+            raise ApiError(422, out["error"], out["code"])
+        self.metrics.observe_load(out.pop("load_s"))
+        return JSONResponse(dict(out, object="adapter"), status_code=201)
+
+    @app.delete("/v1/adapters/{name:path}")
+    async def remove_adapter(self, name: str, request: Request):
+        async def handler(request: Request):
+            self._check_admin(request)
+            try:
+                check_name(name)
+            except AdapterError:
+                raise ApiError(404, f"unknown adapter {name[:80]!r}", "model_not_found", adapter="unknown") from None
+            if not await self.model.remove_adapter.remote(name):
+                raise ApiError(404, f"unknown adapter {name!r}", "model_not_found", adapter="unknown")
+            self.metrics.adapter_unloads.inc()
+            return JSONResponse({"id": name, "object": "adapter", "deleted": True})
+
+        return await self._serve("adapters", request, handler)

@@ -1,0 +1,118 @@
+"""One Ray instance and one served app for the whole integration suite (Ray is heavy on 2 cores).
+
+One app, "polyhead" at /, with an admin key, several adapters and small limits (64 rows per
+request, 200 KB bodies, 32 ongoing + 64 queued rows at the model) so that limits are cheap to hit.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.adapter_factory import make_lora
+from tests.conftest import minilm_path
+
+ADMIN_KEY = "test-admin-key"
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _with_labels(folder: Path, labels: list[str], problem_type: str | None = None) -> Path:
+    cfg = {"num_labels": len(labels), "id2label": {str(i): lab for i, lab in enumerate(labels)}}
+    if problem_type:
+        cfg["problem_type"] = problem_type
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
+    from serving import Engine
+
+    schema = Engine.from_pretrained(str(minilm_path()), max_slots=1).schema
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {
+        "cls-a": _with_labels(make_lora(root / "cls-a", schema, seed=1, head="SEQ_CLS", num_labels=3),
+                              ["neg", "neu", "pos"]),
+        "cls-b": make_lora(root / "cls-b", schema, seed=2, head="SEQ_CLS", num_labels=2),
+        "ml": _with_labels(make_lora(root / "ml", schema, seed=3, head="SEQ_CLS", num_labels=4),
+                           ["a", "b", "c", "d"], "multi_label_classification"),
+        "ner": _with_labels(make_lora(root / "ner", schema, seed=4, head="TOKEN_CLS", num_labels=5), NER_LABELS),
+        "emb": make_lora(root / "emb", schema, seed=5),
+        "lazy": make_lora(root / "lazy", schema, seed=6, head="SEQ_CLS", num_labels=2),
+        "victim": make_lora(root / "victim", schema, seed=7, head="SEQ_CLS", num_labels=2),
+        "late": make_lora(root / "late", schema, seed=8, head="SEQ_CLS", num_labels=3),  # admin-added
+    }
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    dirs["broken"] = broken
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def engine(adapter_dirs):
+    """The in-process oracle: every served row must equal this engine's row run alone."""
+    from serving import Engine
+
+    eng = Engine.from_pretrained(str(minilm_path()), max_slots=16)
+    for name in ("cls-a", "cls-b", "ml", "ner", "emb", "late"):
+        eng.load_adapter(name, adapter_dirs[name])
+    return eng
+
+
+@pytest.fixture(scope="session")
+def server(adapter_dirs):
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        served = {k: str(v) for k, v in adapter_dirs.items() if k not in ("late", "broken")}
+        main = build_app({"max_batch_size": 16, "batch_wait_timeout_s": 0.15, "max_ongoing_requests": 32,
+                          "max_queued_requests": 64, "num_threads": 2, "num_cpus": 1, "max_slots": 8,
+                          "admin_api_key": ADMIN_KEY, "adapters": served, "max_items": 64,
+                          "max_body_bytes": 200_000})
+        serve.run(main, name="polyhead", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_ready(url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url}/ready did not answer 200 within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def admin_headers():
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}

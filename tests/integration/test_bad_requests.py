@@ -1,0 +1,119 @@
+"""Bad requests: each gets its status and a JSON error body, and the server serves on afterwards."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import ADMIN_KEY
+
+KEY = {"Authorization": f"Bearer {ADMIN_KEY}"}
+OK = {"model": "cls-a", "input": "hello"}
+
+
+def _with(**fields):
+    return {**OK, **fields}
+
+
+# (id, method, path, json body or raw bytes, headers, status, error code or None)
+CASES = [
+    ("malformed-json", "POST", "/v1/classify", b'{"model": "cls-a", "input":', {}, 400, "invalid_json"),
+    ("not-json", "POST", "/v1/classify", b"hello there", {}, 400, "invalid_json"),
+    ("invalid-utf8", "POST", "/v1/classify", b'{"model": "\xff\xfe"}', {}, 400, "invalid_json"),
+    ("deep-nesting", "POST", "/v1/classify", b'{"model": "cls-a", "input": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+     {}, 400, "invalid_json"),
+    ("empty-body", "POST", "/v1/classify", b"", {}, 400, "invalid_json"),
+    ("top-level-array", "POST", "/v1/classify", [OK], {}, 422, "invalid_field"),
+    ("top-level-null", "POST", "/v1/classify", b"null", {}, 422, "invalid_field"),
+    ("model-int", "POST", "/v1/classify", _with(model=5), {}, 422, "invalid_field"),
+    ("model-null", "POST", "/v1/classify", _with(model=None), {}, 422, "invalid_field"),
+    ("model-missing", "POST", "/v1/classify", {"input": "hi"}, {}, 422, "invalid_field"),
+    ("input-missing", "POST", "/v1/classify", {"model": "cls-a"}, {}, 422, "invalid_field"),
+    ("input-int", "POST", "/v1/classify", _with(input=7), {}, 422, "invalid_field"),
+    ("input-object", "POST", "/v1/classify", _with(input={"text": "hi"}), {}, 422, "invalid_field"),
+    ("input-ints-on-classify", "POST", "/v1/classify", _with(input=[1, 2, 3]), {}, 422, "invalid_field"),
+    ("input-empty-list", "POST", "/v1/classify", _with(input=[]), {}, 422, "empty_input"),
+    ("input-empty-string", "POST", "/v1/classify", _with(input=""), {}, 422, "empty_input"),
+    ("input-list-with-empty-string", "POST", "/v1/classify", _with(input=["ok", ""]), {}, 422, "empty_input"),
+    ("model-empty-list", "POST", "/v1/classify", _with(model=[]), {}, 422, "invalid_field"),
+    ("threshold-out-of-range", "POST", "/v1/classify", _with(threshold=2), {}, 422, "invalid_field"),
+    ("threshold-string", "POST", "/v1/classify", _with(threshold="0.5"), {}, 422, "invalid_field"),
+    ("unknown-adapter", "POST", "/v1/classify", _with(model="nope"), {}, 404, "adapter_not_found"),
+    ("one-unknown-among-models", "POST", "/v1/classify", _with(model=["cls-a", "nope"]), {}, 404, "adapter_not_found"),
+    ("name-traversal", "POST", "/v1/classify", _with(model="../x"), {}, 404, "model_not_found"),
+    ("name-encoded-traversal", "POST", "/v1/classify", _with(model="%2e%2e"), {}, 404, "model_not_found"),
+    ("name-absolute-path", "POST", "/v1/classify", _with(model="/etc/passwd"), {}, 404, "model_not_found"),
+    ("name-nul", "POST", "/v1/classify", _with(model="cls-a\x00"), {}, 404, "model_not_found"),
+    ("name-10kb", "POST", "/v1/classify", _with(model="a" * 10_000), {}, 404, "model_not_found"),
+    ("name-reserved", "POST", "/v1/classify", _with(model="none"), {}, 404, "model_not_found"),
+    ("too-many-items", "POST", "/v1/classify", _with(input=["x"] * 65), {}, 413, "too_many_items"),
+    ("too-many-rows-models-x-inputs", "POST", "/v1/classify", _with(model=["cls-a"] * 9, input=["x"] * 8), {},
+     413, "too_many_items"),
+    ("too-many-tokens", "POST", "/v1/classify", _with(input="word " * 600), {}, 413, "too_many_tokens"),
+    ("oversized-body", "POST", "/v1/classify", _with(input="x" * 300_000), {}, 413, "body_too_large"),
+    ("wrong-task-tagger-on-classify", "POST", "/v1/classify", _with(model="ner"), {}, 422, "wrong_task"),
+    ("wrong-task-classifier-on-tag", "POST", "/v1/tag", _with(model="cls-a"), {}, 422, "wrong_task"),
+    ("wrong-task-base-on-classify", "POST", "/v1/classify", _with(model="all-MiniLM-L6-v2"), {}, 422, "wrong_task"),
+    ("wrong-task-no-head-on-tag", "POST", "/v1/tag", _with(model="emb"), {}, 422, "wrong_task"),
+    ("embeddings-bad-format", "POST", "/v1/embeddings", {"model": "emb", "input": "x", "encoding_format": "int8"},
+     {}, 422, "invalid_field"),
+    ("embeddings-dimensions", "POST", "/v1/embeddings", {"model": "emb", "input": "x", "dimensions": 10}, {},
+     422, "invalid_field"),
+    ("embeddings-token-outside-vocab", "POST", "/v1/embeddings", {"model": "emb", "input": [999_999]}, {},
+     422, "invalid_input"),
+    ("embeddings-empty-token-list", "POST", "/v1/embeddings", {"model": "emb", "input": [[]]}, {}, 422, "empty_input"),
+    ("embeddings-unknown-model", "POST", "/v1/embeddings", {"model": "gpt-4", "input": "x"}, {}, 404,
+     "adapter_not_found"),
+    ("admin-list-without-key", "GET", "/v1/adapters", None, {}, 401, "missing_api_key"),
+    ("admin-list-wrong-key", "GET", "/v1/adapters", None, {"Authorization": "Bearer nope"}, 403, "invalid_api_key"),
+    ("admin-basic-auth", "GET", "/v1/adapters", None, {"Authorization": "Basic dXNlcjpwYXNz"}, 401,
+     "missing_api_key"),
+    ("admin-add-without-key", "POST", "/v1/adapters", {"name": "x", "source": "/tmp"}, {}, 401, "missing_api_key"),
+    ("admin-add-invalid-name", "POST", "/v1/adapters", {"name": "../x", "source": "/tmp"}, KEY, 422, "invalid_name"),
+    ("admin-add-source-not-a-folder", "POST", "/v1/adapters", {"name": "x1", "source": "/nonexistent/x"}, KEY,
+     422, "adapter_invalid"),
+    ("admin-add-missing-source", "POST", "/v1/adapters", {"name": "x1"}, KEY, 422, "invalid_field"),
+    ("admin-delete-without-key", "DELETE", "/v1/adapters/cls-a", None, {}, 401, "missing_api_key"),
+    ("admin-delete-wrong-key", "DELETE", "/v1/adapters/cls-a", None, {"Authorization": "Bearer no"}, 403,
+     "invalid_api_key"),
+    ("admin-delete-unknown", "DELETE", "/v1/adapters/nope", None, KEY, 404, "model_not_found"),
+    ("admin-delete-encoded-traversal", "DELETE", "/v1/adapters/%2e%2e%2fx", None, KEY, 404, None),
+    ("admin-delete-encoded-nul", "DELETE", "/v1/adapters/a%00b", None, KEY, 404, "model_not_found"),
+    ("unknown-route", "GET", "/v1/nothing", None, {}, 404, "route_not_found"),
+    ("wrong-method", "GET", "/v1/classify", None, {}, 405, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_request_gets_status_and_json_error(client, case):
+    _, method, path, body, headers, status, code = case
+    if isinstance(body, (bytes, type(None))):
+        r = client.request(method, path, content=body, headers={"content-type": "application/json", **headers})
+    else:
+        r = client.request(method, path, content=json.dumps(body), headers={"content-type": "application/json",
+                                                                            **headers})
+    assert r.status_code == status, r.text[:500]
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+
+
+def test_admin_add_broken_adapter_is_refused_and_not_registered(client, adapter_dirs):
+    r = client.post("/v1/adapters", headers=KEY, json={"name": "broken", "source": str(adapter_dirs["broken"])})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "adapter_invalid", r.text
+    assert client.post("/v1/classify", json=_with(model="broken")).status_code == 404
+
+
+def test_unknown_fields_are_ignored(client):
+    r = client.post("/v1/classify", json=_with(user="u1", temperature=0.3, extra={"deep": [1, 2]}))
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/embeddings", json={"model": "emb", "input": "x", "user": "u1", "foo": None})
+    assert r.status_code == 200, r.text
+
+
+def test_server_still_serves_after_the_bad_requests(client):
+    for case in CASES[:5]:
+        client.request(case[1], case[2], content=case[3])
+    assert client.get("/ready").status_code == 200
+    assert client.post("/v1/classify", json=OK).status_code == 200

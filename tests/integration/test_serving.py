@@ -1,0 +1,212 @@
+"""The served app against the in-process Engine: batching across adapters, every route, metrics, admin."""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import Request
+from serving.app.tagging import merge_entities
+
+TEXTS = ["the cat sat on the mat", "Ada Lovelace lived in London", "polyhead serves many adapters at once",
+         "short", "a somewhat longer sentence, with punctuation; and more words than the others have"]
+
+
+def alone(engine, adapter, text):
+    """The engine's result for one row run by itself."""
+    return engine.infer([Request(adapter=adapter, text=text)])[0]
+
+
+def close(served, expected, atol=2e-4):
+    torch.testing.assert_close(torch.tensor(served, dtype=torch.float32), expected, atol=atol, rtol=1e-4)
+
+
+def metrics(client) -> dict[tuple, float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(m, name, **labels):
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def _post_all(base_url, calls):
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
+        return await asyncio.gather(*[c.post(path, json=body) for path, body in calls])
+
+
+def test_ready_health_and_models_list(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready"}
+    body = client.get("/v1/models").json()
+    ids = [m["id"] for m in body["data"]]
+    assert body["object"] == "list" and ids[0] == "all-MiniLM-L6-v2"
+    assert {"cls-a", "cls-b", "ml", "ner", "emb"} <= set(ids)
+
+
+def test_concurrent_rows_for_different_adapters_share_a_batch_and_equal_the_engine_alone(server, client, engine):
+    adapters = ["cls-a", "cls-b", "ml", "cls-a", "cls-b", "ml", "cls-a", "cls-b"]
+    for name in set(adapters):  # load on demand first, so that loads do not spread the rows over batches
+        assert client.post("/v1/classify", json={"model": name, "input": "warm"}).status_code == 200
+    before = metrics(client)
+    calls = [("/v1/classify", {"model": a, "input": TEXTS[i % len(TEXTS)]}) for i, a in enumerate(adapters)]
+    responses = asyncio.run(_post_all(server, calls))
+    for (_, body), r in zip(calls, responses):
+        assert r.status_code == 200, r.text
+        item = r.json()["data"][0]
+        expected = alone(engine, body["model"], body["input"])
+        close(item["logits"], expected.logits)
+        assert item["model"] == body["model"] and item["index"] == 0
+    assert max(int(r.headers["x-polyhead-batch-adapters"]) for r in responses) >= 2
+    assert max(int(r.headers["x-polyhead-batch-size"]) for r in responses) >= 2
+    after = metrics(client)
+    assert sample(after, "polyhead_batch_adapters_count") > sample(before, "polyhead_batch_adapters_count")
+    assert sample(after, "polyhead_batch_adapters_sum") - sample(before, "polyhead_batch_adapters_sum") >= 2
+
+
+def test_one_request_with_several_models_and_inputs(client, engine):
+    body = {"model": ["cls-a", "ml"], "input": TEXTS[:3], "threshold": 0.5}
+    r = client.post("/v1/classify", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [(d["index"], d["model"]) for d in data] == [(i, m) for i in range(3) for m in ("cls-a", "ml")]
+    for d in data:
+        res = alone(engine, d["model"], TEXTS[d["index"]])
+        close(d["logits"], res.logits)
+        if d["model"] == "ml":  # multi-label: sigmoid probs, every label above the threshold
+            probs = torch.sigmoid(res.logits)
+            close(d["probs"], probs)
+            assert d["labels"] == [lab for lab, p in zip(res.labels, probs.tolist()) if p > 0.5]
+        else:
+            close(d["probs"], torch.softmax(res.logits, -1))
+            assert d["label"] == res.labels[int(res.logits.argmax())]
+            assert "labels" not in d
+
+
+def test_tag_merges_bio_tags_with_character_offsets(client, engine):
+    text = "Ada Lovelace met Charles Babbage in London."
+    r = client.post("/v1/tag", json={"model": "ner", "input": [text]})
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["data"]
+    res = alone(engine, "ner", text)
+    probs = torch.softmax(res.logits, -1)
+    enc = engine.tokenizer(text, return_offsets_mapping=True)
+    expected = merge_entities([res.labels[i] for i in probs.argmax(-1).tolist()], probs.max(-1).values.tolist(),
+                              enc["offset_mapping"], text)
+    assert [(e["entity"], e["start"], e["end"], e["word"]) for e in item["entities"]] == \
+           [(e["entity"], e["start"], e["end"], e["word"]) for e in expected]
+    assert expected, "the random NER adapter should tag something (else this test checks little)"
+    for e in item["entities"]:
+        assert e["entity"] in {"PER", "LOC"} and text[e["start"]:e["end"]] == e["word"]
+        assert 0 < e["score"] <= 1
+
+
+def test_openai_client_gets_the_engines_embeddings(server, engine):
+    from openai import OpenAI
+
+    oa = OpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
+    for model, adapter in (("emb", "emb"), ("all-MiniLM-L6-v2", None)):
+        out = oa.embeddings.create(model=model, input=TEXTS[:3])  # base64 on the wire (the client's default)
+        assert [d.index for d in out.data] == [0, 1, 2]
+        for d, text in zip(out.data, TEXTS):
+            close(d.embedding, alone(engine, adapter, text).embedding)
+        assert out.usage.prompt_tokens > 0
+
+
+def test_embeddings_float_format_and_token_ids(client, engine):
+    ids = engine.tokenizer(TEXTS[0])["input_ids"]
+    r = client.post("/v1/embeddings", json={"model": "emb", "input": [TEXTS[0]], "encoding_format": "float"})
+    r2 = client.post("/v1/embeddings", json={"model": "emb", "input": ids})
+    assert r.status_code == 200 and r2.status_code == 200, (r.text, r2.text)
+    expected = alone(engine, "emb", TEXTS[0]).embedding
+    close(r.json()["data"][0]["embedding"], expected)
+    close(r2.json()["data"][0]["embedding"], expected)
+    assert r.json()["object"] == "list" and r.json()["data"][0]["object"] == "embedding"
+
+
+def test_metrics_count_what_was_sent(client):
+    before = metrics(client)
+    for text in TEXTS[:3]:
+        assert client.post("/v1/classify", json={"model": "cls-b", "input": text}).status_code == 200
+    assert client.post("/v1/classify", json={"model": "no-such-adapter", "input": "x"}).status_code == 404
+    after = metrics(client)
+
+    def delta(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("polyhead_requests_total", route="classify", code="200") == 3
+    assert delta("polyhead_requests_total", route="classify", code="404") == 1
+    assert delta("polyhead_rows_total", route="classify", adapter="cls-b") == 3
+    assert delta("polyhead_errors_total", route="classify", adapter="unknown", type="adapter_not_found") == 1
+    assert delta("polyhead_request_seconds_count", route="classify") == 4
+    assert delta("polyhead_batch_size_count") >= 1 and delta("polyhead_batch_compute_seconds_count") >= 1
+    assert sample(after, "polyhead_resident_slots") >= 1
+    assert sample(after, "polyhead_max_slots") == 8
+
+
+def test_concurrent_first_requests_load_an_adapter_once(server, client):
+    before = metrics(client)
+    responses = asyncio.run(_post_all(server, [("/v1/classify", {"model": "lazy", "input": t}) for t in TEXTS]))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    after = metrics(client)
+    assert sample(after, "polyhead_adapter_loads_total") - sample(before, "polyhead_adapter_loads_total") == 1
+    assert sample(after, "polyhead_adapter_load_seconds_count") > sample(before, "polyhead_adapter_load_seconds_count")
+
+
+def test_adapter_added_through_admin_is_served_without_restart(client, engine, adapter_dirs, admin_headers):
+    assert client.post("/v1/classify", json={"model": "late", "input": "x"}).status_code == 404
+    r = client.post("/v1/adapters", headers=admin_headers, json={"name": "late", "source": str(adapter_dirs["late"])})
+    assert r.status_code == 201, r.text
+    assert r.json()["task"] == "seq_cls" and r.json()["labels"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    r = client.post("/v1/classify", json={"model": "late", "input": TEXTS[1]})
+    assert r.status_code == 200, r.text
+    close(r.json()["data"][0]["logits"], alone(engine, "late", TEXTS[1]).logits)
+    listed = client.get("/v1/adapters", headers=admin_headers).json()["data"]
+    assert any(a["name"] == "late" and a["loaded"] for a in listed)
+    assert "late" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_deleting_an_adapter_in_use_does_not_break_running_requests(server, client, admin_headers):
+    assert client.post("/v1/classify", json={"model": "victim", "input": "warm"}).status_code == 200
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+            running = [asyncio.create_task(c.post("/v1/classify", json={"model": "victim", "input": TEXTS[i % 5]}))
+                       for i in range(12)]
+            await asyncio.sleep(0.3)  # the rows reach the replica (and wait for their batch)
+            deleted = await c.delete("/v1/adapters/victim", headers=admin_headers)
+            return deleted, await asyncio.gather(*running)
+
+    deleted, responses = asyncio.run(scenario())
+    assert deleted.status_code == 200, deleted.text
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 404}, [r.text for r in responses]
+    assert 200 in codes  # the rows admitted before the delete were served
+    for r in responses:
+        if r.status_code == 404:
+            assert r.json()["error"]["code"] == "adapter_not_found"
+    gone = client.post("/v1/classify", json={"model": "victim", "input": "x"})
+    assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
+    assert client.delete("/v1/adapters/victim", headers=admin_headers).status_code == 404
+    assert client.post("/v1/classify", json={"model": "cls-a", "input": "still serving"}).status_code == 200
+
+
+def test_overload_answers_503_json_with_retry_after(server, client):
+    big = {"model": "cls-a", "input": [f"row {i} " + TEXTS[i % 5] for i in range(64)]}  # 64 rows each
+    responses = asyncio.run(_post_all(server, [("/v1/classify", big)] * 4))  # 256 rows > 32 ongoing + 64 queued
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "overloaded_error"
+    assert client.post("/v1/classify", json={"model": "cls-a", "input": "after the storm"}).status_code == 200
