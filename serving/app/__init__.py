@@ -28,7 +28,7 @@ def build_app(config: ServeConfig | dict | str | Path | None = None):
         cfg = config
     data = cfg.model_dump()
     model = ModelServer.options(
-        ray_actor_options={"num_cpus": cfg.replica_cpus()},
+        ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": cfg.replica_gpus()},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
     ).bind(data)

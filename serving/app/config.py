@@ -38,15 +38,28 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(256, ge=-1)  # -1: unbounded (Ray's default); overflow answers 503
     num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads in the replica
     num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of the model replica; None: num_threads
+    num_gpus: float | None = Field(None, ge=0)  # Ray GPUs of the model replica; None: 1 on cuda devices, else 0
     ingress_num_cpus: float = Field(0.1, ge=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    admin_api_key: str | None = None  # None: admin routes answer clients on 127.0.0.1 only
-    adapters: dict[str, AdapterSource] = Field(default_factory=dict)  # name -> source, loaded on first use
-    store_root: str | None = None  # adapters_store.AdapterStore root, when that store is used
+    # None (or null in a file): $POLYHEAD_ADMIN_API_KEY if set (e.g. from a Kubernetes Secret), else the
+    # admin routes answer clients on 127.0.0.1 only
+    admin_api_key: str | None = Field(None, validate_default=True)
+    # static entries: name -> folder, resolved directly (not through the store), loaded on first use
+    adapters: dict[str, AdapterSource] = Field(default_factory=dict)
+    # adapters_store.AdapterStore root (folder or fsspec URL such as s3://bucket/adapters) shared by every
+    # model replica: admin registrations are published there. None: a temporary store per model replica
+    # (registrations are lost with it and not shared between replicas).
+    store_root: str | None = None
+    store_ttl_s: float = Field(1.0, ge=0, le=3600)  # how long a replica caches `name` -> its latest version
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_items: int = Field(256, ge=1)  # rows per request (inputs x models)
     max_name_chars: int = Field(128, ge=1)
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _key_from_env(cls, value):
+        return value if value is not None else (os.environ.get("POLYHEAD_ADMIN_API_KEY") or None)
 
     @field_validator("adapters", mode="before")
     @classmethod
@@ -89,6 +102,11 @@ class ServeConfig(BaseModel):
     def replica_cpus(self) -> float:
         return self.num_threads if self.num_cpus is None else self.num_cpus
 
+    def replica_gpus(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return 1 if self.device.startswith("cuda") else 0
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the field."""
@@ -129,8 +147,9 @@ def _paths_relative_to(folder: Path, data: dict) -> dict:
                 source = {**source, "path": str((folder / source["path"]).resolve())}
             fixed[name] = source
         data["adapters"] = fixed
-    if isinstance(data.get("base_dir"), str) and "://" not in data["base_dir"]:
-        data["base_dir"] = str((folder / data["base_dir"]).resolve())
+    for key in ("base_dir", "store_root"):
+        if isinstance(data.get(key), str) and "://" not in data[key]:
+            data[key] = str((folder / data[key]).expanduser().resolve())
     return data
 
 

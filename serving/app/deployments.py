@@ -2,23 +2,26 @@
 
 Each call is one row {"adapter", "input_ids", "need"}; @serve.batch gathers rows for MANY
 adapters into one Engine.infer (never split by adapter), run off the event loop.
-Adapters load on demand on their first row, once per name (an asyncio lock per name),
-from AdapterSources (config `adapters` + admin-registered names, kept in this replica).
+"adapter" is a reference, `name` or `name@N`, resolved through the Registry (config
+`adapters` + an AdapterStore shared by every replica that opens the same `store_root`) to one
+version; that version loads on demand on its first row, once (an asyncio lock per version),
+under its own engine key, so `name@1` and `name@2` can be resident together.
 Errors stay per row: a row result carries "error" and "code" instead of raising.
 """
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 
 import torch
 from ray import serve
 
-from adapters_store import AdapterError
+from adapters_store import AdapterError, AdapterStore, parse_ref
 
 from ..engine import Engine, Request
 from .config import ServeConfig
-from .routing import AdapterSources, Source
+from .routing import Registry, Resolved, Source
 
 NEED_TASKS = {"seq": ("seq_cls", "multilabel"), "token": ("token_cls",), "embedding": None}
 
@@ -35,11 +38,17 @@ class ModelServer:
         torch.set_num_threads(cfg.num_threads)  # Ray sets OMP_NUM_THREADS=1 in replicas
         self.engine = Engine.from_pretrained(cfg.resolved_base_dir(), device=cfg.device, dtype=cfg.dtype,
                                              max_slots=cfg.max_slots, max_rank=cfg.max_rank)
-        self.sources = AdapterSources({name: Source(name, s.path, tuple(s.labels) if s.labels else None)
-                                       for name, s in cfg.adapters.items()})
-        self._heads: dict[str, tuple[str | None, tuple[str, ...] | None]] = {}  # loaded name -> (task, labels)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._inflight: dict[str | None, int] = {}  # admitted rows per adapter, drained before an unload
+        if cfg.store_root is None:  # registrations of this replica only, deleted with it
+            self._tmp_store = tempfile.TemporaryDirectory(prefix="polyhead-store-")
+            store = AdapterStore(self._tmp_store.name)
+        else:
+            store = AdapterStore(cfg.store_root)
+        static = {name: Source(name, s.path, tuple(s.labels) if s.labels else None) for name, s in cfg.adapters.items()}
+        self.registry = Registry(store, static, ttl_s=cfg.store_ttl_s)
+        self._heads: dict[str, tuple[str | None, tuple[str, ...] | None]] = {}  # loaded key -> (task, labels)
+        self._loaded: dict[str, Resolved] = {}  # engine key -> what it was loaded from
+        self._locks: dict[str, asyncio.Lock] = {}  # per engine key
+        self._inflight: dict[str | None, int] = {}  # admitted rows per engine key, drained before an unload
         self._batches = 0
         self.loads = 0
         self._run_batch.set_max_batch_size(cfg.max_batch_size)
@@ -48,52 +57,58 @@ class ModelServer:
     # rows ---------------------------------------------------------------------------------
 
     async def infer(self, row: dict) -> dict:
-        name, need = row.get("adapter"), row.get("need", "embedding")
-        load_s = None
-        if name is not None:
+        ref, need = row.get("adapter"), row.get("need", "embedding")
+        load_s, key = None, None
+        if ref is not None:
             try:
-                load_s = await self._ensure_loaded(name)
+                found = await asyncio.to_thread(self.registry.resolve, ref)
+                key = found.key
+                load_s = await self._ensure_loaded(found)
             except LookupError:
-                return row_error("adapter_not_found", f"unknown model {name!r}")
+                self._drop_gone(ref)
+                return row_error("adapter_not_found", f"unknown model {ref!r}")
             except AdapterError as exc:
-                return row_error("adapter_invalid", f"adapter {name!r} cannot be loaded: {exc}")
-        wrong = self._wrong_task(name, need)
+                return row_error("adapter_invalid", f"adapter {ref!r} cannot be loaded: {exc}")
+        wrong = self._wrong_task(key, ref, need)
         if wrong:
             return row_error("wrong_task", wrong)
-        self._inflight[name] = self._inflight.get(name, 0) + 1  # no await since the check above: atomic
+        self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the check above: atomic
         try:
-            out = await self._run_batch(row)
+            out = await self._run_batch(dict(row, key=key))
         finally:
-            self._inflight[name] -= 1
-            if not self._inflight[name]:
-                del self._inflight[name]
+            self._inflight[key] -= 1
+            if not self._inflight[key]:
+                del self._inflight[key]
         out["load_s"] = load_s
         return out
 
-    def _wrong_task(self, name: str | None, need: str) -> str | None:
+    def _wrong_task(self, key: str | None, ref: str | None, need: str) -> str | None:
         tasks = NEED_TASKS[need]
-        task = self._heads.get(name, (None, None))[0] if name is not None else None
+        task = self._heads.get(key, (None, None))[0] if key is not None else None
         if tasks is None or task in tasks:
             return None
-        what = "the base model" if name is None else f"adapter {name!r}"
+        what = "the base model" if ref is None else f"adapter {ref!r}"
         has = f"a {task} head" if task else "no task head"
         return f"{what} has {has}; this route needs {' or '.join(tasks)}"
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from the config in __init__
     async def _run_batch(self, rows: list[dict]) -> list[dict]:
-        requests = [Request(adapter=r.get("adapter"), input_ids=r["input_ids"]) for r in rows]
+        requests = [Request(adapter=r.get("key"), input_ids=r["input_ids"]) for r in rows]
         start = time.perf_counter()
         results = await asyncio.to_thread(self.engine.infer, requests)
         compute_s = time.perf_counter() - start
         self._batches += 1
-        info = {"batch_size": len(rows), "batch_adapters": len({r.get("adapter") for r in rows} - {None}),
+        info = {"batch_size": len(rows), "batch_adapters": len({r.get("key") for r in rows} - {None}),
                 "batch_id": self._batches, "compute_s": compute_s}
         out = []
         for i, (row, res) in enumerate(zip(rows, results)):
             item = dict(info, batch_first=i == 0, task=res.task, labels=list(res.labels) if res.labels else None)
             if res.error is not None:
                 gone = "unknown adapter" in res.error or "was unloaded" in res.error
-                item.update(row_error("adapter_not_found" if gone else "invalid_input", res.error))
+                if gone:  # removed while the row waited: name what the client asked for, not the engine key
+                    item.update(row_error("adapter_not_found", f"unknown model {row.get('adapter')!r} (removed)"))
+                else:
+                    item.update(row_error("invalid_input", res.error))
             elif row.get("need") == "embedding":
                 item["embedding"] = res.embedding.tolist()
             else:
@@ -103,66 +118,96 @@ class ModelServer:
 
     # adapters -----------------------------------------------------------------------------
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
 
-    async def _ensure_loaded(self, name: str) -> float | None:
-        """Load `name` if it is not loaded yet; the load time, or None if it was loaded already."""
-        if name in self._heads:
+    async def _ensure_loaded(self, found: Resolved) -> float | None:
+        """Load the resolved version if it is not loaded yet; the load time, or None if it was loaded already."""
+        if found.key in self._heads:
             return None
-        async with self._lock(name):
-            if name in self._heads:  # another first request loaded it meanwhile
+        async with self._lock(found.key):
+            if found.key in self._heads:  # another first request loaded it meanwhile
                 return None
-            source = self.sources.resolve(name)
-            if source is None:
-                raise LookupError(name)
-            return await self._load(source)
+            try:
+                return await self._load(found)
+            except AdapterError:
+                if found.version is not None:  # removed by another replica since the (cached) lookup: a 404
+                    fresh = await asyncio.to_thread(self.registry.resolve, found.ref, fresh=True)  # UnknownAdapter: 404
+                    if fresh.key != found.key:
+                        return await self._load(fresh)
+                raise
 
-    async def _load(self, source: Source) -> float:
+    async def _load(self, found: Resolved) -> float:
         start = time.perf_counter()
-        labels = list(source.labels) if source.labels is not None else None
-        spec = await asyncio.to_thread(self.engine.load_adapter, source.name, source.path, labels)
+        labels = list(found.labels) if found.labels is not None else None
+        spec = await asyncio.to_thread(self.engine.load_adapter, found.key, found.path, labels)
         head = spec.head
-        self._heads[source.name] = (head.task, head.labels) if head is not None else (None, None)
+        self._heads[found.key] = (head.task, head.labels) if head is not None else (None, None)
+        self._loaded[found.key] = found
         self.loads += 1
         return time.perf_counter() - start
 
     async def add_adapter(self, name: str, path: str, labels: list[str] | None = None) -> dict:
-        """Register (or replace) `name` and load it now, so that a bad adapter is refused at once."""
-        async with self._lock(name):
-            previous = self.sources.resolve(name)
+        """Validate and publish `path` as the next version of `name` in the store, and load it here now
+        (a version the engine refuses is removed from the store again)."""
+        try:
+            found = await asyncio.to_thread(self.registry.add, name, path, schema=self.engine.schema,
+                                            labels=labels, max_rank=self.cfg.max_rank)
+        except AdapterError as exc:
+            return row_error("adapter_invalid", str(exc))
+        async with self._lock(found.key):
             try:
-                source = self.sources.add(name, path, labels)
-                load_s = await self._load(source)
+                load_s = await self._load(found)
             except AdapterError as exc:
-                if previous is None:
-                    self.sources.remove(name)
-                else:
-                    self.sources.add(previous.name, previous.path, previous.labels)
+                await asyncio.to_thread(self.registry.remove, name, found.version)
                 return row_error("adapter_invalid", str(exc))
-        task, labels = self._heads[name]
-        return {"name": name, "source": source.path, "task": task, "labels": list(labels) if labels else None,
-                "load_s": load_s}
+        task, head_labels = self._heads[found.key]
+        return {"name": name, "version": found.version, "ref": found.full_ref, "source": found.path, "task": task,
+                "labels": list(head_labels) if head_labels else None, "load_s": load_s}
 
-    async def remove_adapter(self, name: str, drain_timeout_s: float = 30.0) -> bool:
-        """Unregister `name` at once (later rows get adapter_not_found), let the rows already admitted
-        finish (up to drain_timeout_s), then unload it from the engine."""
-        async with self._lock(name):
-            known = self.sources.remove(name)
-            if self._heads.pop(name, None) is not None:
+    async def remove_adapter(self, ref: str, drain_timeout_s: float = 30.0) -> bool:
+        """Remove `name` (every version, and a static entry) or `name@N` from the registry at once (later
+        rows get adapter_not_found), let the rows already admitted finish (up to drain_timeout_s), then
+        unload what was removed from the engine. False if nothing was registered under `ref`."""
+        try:
+            name, version = parse_ref(ref)
+        except AdapterError:
+            return False
+        try:
+            removed = await asyncio.to_thread(self.registry.remove, name, version)
+        except AdapterError:
+            return False
+        for found in removed:
+            await self._unload(found.key, drain_timeout_s)
+        return bool(removed)
+
+    def _drop_gone(self, ref: str) -> None:
+        """`ref` is no longer registered (removed through another replica or the store itself): unload the
+        versions it covers that are still loaded here, in the background."""
+        name, _, version = ref.partition("@")
+        for key, found in list(self._loaded.items()):
+            if found.name == name and found.version is not None and (not version or str(found.version) == version):
+                del self._loaded[key]
+                asyncio.get_running_loop().create_task(self._unload(key, 30.0))
+
+    async def _unload(self, key: str, drain_timeout_s: float) -> None:
+        async with self._lock(key):
+            self._loaded.pop(key, None)
+            if self._heads.pop(key, None) is not None:
                 deadline = time.monotonic() + drain_timeout_s
-                while self._inflight.get(name) and time.monotonic() < deadline:
+                while self._inflight.get(key) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
-                await asyncio.to_thread(self.engine.unload_adapter, name)
-                known = True
-        return known
+                await asyncio.to_thread(self.engine.unload_adapter, key)
 
     async def list_adapters(self) -> list[dict]:
+        """Per name: its latest version (None for a static entry), every version, where its files are, and
+        whether that latest version is loaded here (task and labels known once loaded)."""
         out = []
-        for s in self.sources.list():
-            task, labels = self._heads.get(s.name, (None, None))
-            out.append({"name": s.name, "source": s.path, "loaded": s.name in self._heads, "task": task,
-                        "labels": list(labels) if labels else None})
+        for entry in await asyncio.to_thread(self.registry.list):
+            key = entry.pop("key")
+            task, labels = self._heads.get(key, (None, None))
+            out.append(dict(entry, loaded=key in self._heads, task=task,
+                            labels=list(labels) if labels else entry["labels"]))
         return out
 
     # introspection ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store import AdapterError, check_name
+from adapters_store import AdapterError, check_name, parse_ref
 
 from .config import ServeConfig
 from .metrics import AppMetrics
@@ -281,7 +281,8 @@ class Ingress:
         adapters = await self.model.list_adapters.remote()
         data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
         data += [{"id": a["name"], "object": "model", "created": 0, "owned_by": "polyhead", "parent": self.base_name,
-                  "task": a["task"], "labels": a["labels"]} for a in adapters]
+                  "task": a["task"], "labels": a["labels"], "version": a["version"], "versions": a["versions"]}
+                 for a in adapters]
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/classify")
@@ -436,7 +437,7 @@ class Ingress:
         async def handler(request: Request):
             self._check_admin(request)
             try:
-                check_name(name)
+                parse_ref(name)  # `name` (every version) or `name@N`
             except AdapterError:
                 raise ApiError(404, f"unknown adapter {name[:80]!r}", "model_not_found", adapter="unknown") from None
             if not await self.model.remove_adapter.remote(name):

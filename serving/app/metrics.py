@@ -8,11 +8,12 @@ first row of a batch carries `batch_first`, so a batch is counted once), and
 Clusters (several ingress or model replicas): each process here has its own registry,
 so a scrape of one ingress sees only its share. There, use `ray.serve.metrics`
 (Counter/Gauge/Histogram, exported by Ray's per-node metrics agent) in the replicas
-instead and scrape every node; that is a later step.
+instead and scrape every node; that is a later step. Ray's own ray_serve_* series already arrive
+that way: deploy/prometheus/prometheus.yml scrapes both, deploy/grafana/ charts both (deploy/README.md).
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

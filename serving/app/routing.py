@@ -1,64 +1,184 @@
-"""From a request's "model" field to what serves it: the base model or a registered adapter.
+"""From a request's "model" field to what serves it: the base model, a static adapter, or a store version.
 
-`AdapterSources` is the registry of where each adapter's files are (config `adapters` plus
-names registered through the admin route). It is kept small so that it can be swapped for
-`adapters_store.AdapterStore` (resolve / add / list / remove) when that lands.
+`Registry` is where adapters' files are: the config's `adapters` (static entries, name -> folder,
+resolved directly, this replica only) and an `adapters_store.AdapterStore` (versioned; every
+replica that opens the same store root sees the same registrations). A request names `name`
+(a static entry, else the store's latest version) or `name@N` (a pinned store version).
+Store lookups are cached for `ttl_s` seconds, so a version published by another replica or by
+`polyhead adapters add` is picked up within that time.
 A/B routes (one name -> weighted adapters) are a later issue.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_store import AdapterError, check_name
+from adapters_store import AdapterError, AdapterStore, AdapterVersion, parse_ref
 
 BASE_ALIASES = ("base",)
+MAX_KEY_CHARS = 128  # adapters_store.check_name's limit: the engine's keys are checked names
 
 
 class UnknownModel(LookupError):
-    """A "model" that names neither the base nor a valid adapter name (never a path)."""
+    """A "model" that names neither the base nor a valid adapter reference (never a path)."""
+
+
+class UnknownAdapter(LookupError):
+    """A valid reference that nothing is registered under (any more)."""
 
 
 @dataclass(frozen=True)
 class Source:
+    """A static adapter from the config: name -> folder (+ labels overriding the adapter's own)."""
+
     name: str
     path: str
     labels: tuple[str, ...] | None = None
 
 
-class AdapterSources:
-    """name -> Source, thread-safe; the in-memory registry (config + admin)."""
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference resolved to, and the key it is loaded under in the engine."""
 
-    def __init__(self, initial: dict[str, Source] | None = None):
+    ref: str  # as asked: "name" or "name@N"
+    name: str
+    version: int | None  # None: a static config entry
+    path: str
+    labels: tuple[str, ...] | None
+    key: str
+
+    @property
+    def full_ref(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+
+def engine_key(name: str, version: int | None) -> str:
+    """The engine's key for one adapter version: `<name>.v<N>` (static entries: `.v0`, a number the
+    store never hands out). Injective: the version has no '.v', so the last '.v' splits it off.
+    Not `name@N` itself: Engine.load_adapter checks its key as a plain adapter name, which has no '@'.
+    Names too long for the suffix keep a prefix plus a hash of the whole name."""
+    suffix = f".v{0 if version is None else version}"
+    if len(name) + len(suffix) <= MAX_KEY_CHARS:
+        return name + suffix
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[:MAX_KEY_CHARS - len(suffix) - 17]}.{digest}{suffix}"
+
+
+def _not_found(exc: AdapterError) -> bool:
+    """AdapterStore says "unknown adapter/version ..." or "... was removed ..." for what is not there."""
+    msg = str(exc)
+    return msg.startswith("unknown ") or " was removed " in msg
+
+
+class Registry:
+    """Static entries + an AdapterStore, with a short TTL cache of store lookups; thread-safe.
+
+    Blocking (the store reads disks or object stores): call it off the event loop.
+    """
+
+    def __init__(self, store: AdapterStore, static: dict[str, Source] | None = None, ttl_s: float = 1.0):
+        self.store = store
+        self.ttl_s = ttl_s
         self._lock = threading.Lock()
-        self._by_name: dict[str, Source] = dict(initial or {})
+        self._static: dict[str, Source] = dict(static or {})
+        self._cache: dict[str, tuple[Resolved, float]] = {}  # ref -> (resolved, expires at)
 
-    def resolve(self, name: str) -> Source | None:
+    def resolve(self, ref: str, *, fresh: bool = False) -> Resolved:
+        """UnknownAdapter if nothing is registered under `ref`; AdapterError if the store entry is unusable."""
+        try:
+            name, version = parse_ref(ref)
+        except AdapterError as exc:
+            raise UnknownAdapter(str(exc)) from None
+        if version is None:
+            with self._lock:
+                static = self._static.get(name)
+            if static is not None:
+                return Resolved(ref, name, None, static.path, static.labels, engine_key(name, None))
+        now = time.monotonic()
         with self._lock:
-            return self._by_name.get(name)
+            hit = self._cache.get(ref)
+        if hit is not None and hit[1] > now and not fresh:
+            return hit[0]
+        try:
+            found = self.store.resolve(ref)
+        except AdapterError as exc:
+            with self._lock:
+                self._cache.pop(ref, None)
+            if _not_found(exc):
+                raise UnknownAdapter(str(exc)) from None
+            raise
+        resolved = self._from_store(ref, found)
+        with self._lock:
+            self._cache[ref] = (resolved, now + self.ttl_s)
+        return resolved
 
-    def add(self, name: str, path: str | Path, labels=None) -> Source:
-        check_name(name)
-        folder = Path(path)
-        if not folder.is_dir():
-            raise AdapterError(f"adapter source {str(path)[:200]!r} is not a folder on the server")
-        source = Source(name, str(folder.resolve()), tuple(labels) if labels is not None else None)
+    def add(self, name: str, source: str | Path, *, schema, labels: list[str] | None = None,
+            max_rank: int = 64) -> Resolved:
+        """Validate and publish `source` as the next version of `name`; later lookups of `name` see it at once."""
         with self._lock:
-            self._by_name[name] = source
-        return source
+            if name in self._static:
+                raise AdapterError(f"adapter {name!r} is configured statically (config `adapters`); "
+                                   "publish store adapters under another name")
+        found = self.store.add(name, source, schema=schema, labels=labels, max_rank=max_rank)
+        resolved = self._from_store(name, found)
+        with self._lock:
+            self._cache[name] = (resolved, time.monotonic() + self.ttl_s)
+            self._cache[found.ref] = (self._from_store(found.ref, found), time.monotonic() + self.ttl_s)
+        return resolved
 
-    def remove(self, name: str) -> bool:
+    def remove(self, name: str, version: int | None = None) -> list[Resolved]:
+        """Remove a static entry and/or store versions (every version when `version` is None); [] if none."""
+        removed: list[Resolved] = []
         with self._lock:
-            return self._by_name.pop(name, None) is not None
+            static = self._static.pop(name, None) if version is None else None
+            for ref in [r for r in self._cache if r == name or r.startswith(name + "@")]:
+                del self._cache[ref]
+        if static is not None:
+            removed.append(Resolved(name, name, None, static.path, static.labels, engine_key(name, None)))
+        try:
+            gone = self.store.remove(name, version)
+        except AdapterError as exc:
+            if not _not_found(exc):
+                raise
+            gone = []
+        removed += [self._from_store(v.ref, v) for v in gone]
+        return removed
 
-    def list(self) -> list[Source]:
+    def forget(self, name: str) -> None:
+        """Drop cached lookups of `name` (any version)."""
         with self._lock:
-            return sorted(self._by_name.values(), key=lambda s: s.name)
+            for ref in [r for r in self._cache if r == name or r.startswith(name + "@")]:
+                del self._cache[ref]
+
+    def list(self) -> list[dict]:
+        """One entry per name: static entries, then the store's names with their latest version."""
+        with self._lock:
+            statics = sorted(self._static.values(), key=lambda s: s.name)
+        out = {s.name: {"name": s.name, "version": None, "versions": [], "source": s.path,
+                        "labels": list(s.labels) if s.labels else None, "key": engine_key(s.name, None)}
+               for s in statics}
+        by_name: dict[str, list[AdapterVersion]] = {}
+        for v in self.store.list():
+            by_name.setdefault(v.name, []).append(v)
+        for name, versions in sorted(by_name.items()):
+            latest = max(versions, key=lambda v: v.version)
+            entry = out.setdefault(name, {"name": name, "version": latest.version, "source": str(latest.path),
+                                          "labels": list(latest.labels) if latest.labels else None,
+                                          "key": engine_key(name, latest.version)})
+            entry["versions"] = [v.version for v in versions]
+        return [out[k] for k in sorted(out)]
+
+    @staticmethod
+    def _from_store(ref: str, v: AdapterVersion) -> Resolved:
+        return Resolved(ref, v.name, v.version, str(v.path), v.labels, engine_key(v.name, v.version))
 
 
 def resolve_model(model, base_name: str, max_chars: int = 128) -> str | None:
-    """The adapter name a "model" value asks for, None for the base model; UnknownModel if not a valid name."""
+    """The adapter reference ("name" or "name@N") a "model" value asks for, None for the base model;
+    UnknownModel if it is not a valid reference."""
     if not isinstance(model, str):
         raise UnknownModel("model must be a string")
     if model == base_name or model in BASE_ALIASES:
@@ -66,6 +186,7 @@ def resolve_model(model, base_name: str, max_chars: int = 128) -> str | None:
     if len(model) > max_chars:
         raise UnknownModel(f"unknown model {model[:40]!r}... ({len(model)} characters)")
     try:
-        return check_name(model)
+        parse_ref(model)
     except AdapterError:
         raise UnknownModel(f"unknown model {model[:80]!r}") from None
+    return model

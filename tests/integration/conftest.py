@@ -1,6 +1,7 @@
 """One Ray instance and one served app for the whole integration suite (Ray is heavy on 2 cores).
 
-One app, "polyhead" at /, with an admin key, several adapters and small limits (64 rows per
+One app, "polyhead" at /, with an admin key, several static adapters, an AdapterStore root for
+admin registrations (`store_root`, looked up with a short TTL) and small limits (64 rows per
 request, 200 KB bodies, 32 ongoing + 64 queued rows at the model) so that limits are cheap to hit.
 """
 from __future__ import annotations
@@ -51,6 +52,10 @@ def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
         "lazy": make_lora(root / "lazy", schema, seed=6, head="SEQ_CLS", num_labels=2),
         "victim": make_lora(root / "victim", schema, seed=7, head="SEQ_CLS", num_labels=2),
         "late": make_lora(root / "late", schema, seed=8, head="SEQ_CLS", num_labels=3),  # admin-added
+        # versions of one name, published through the admin route / the store
+        "ver-1": make_lora(root / "ver-1", schema, seed=11, head="SEQ_CLS", num_labels=2),
+        "ver-2": make_lora(root / "ver-2", schema, seed=12, head="SEQ_CLS", num_labels=2),
+        "ver-3": make_lora(root / "ver-3", schema, seed=13, head="SEQ_CLS", num_labels=2),
     }
     broken = root / "broken"
     broken.mkdir()
@@ -65,13 +70,19 @@ def engine(adapter_dirs):
     from serving import Engine
 
     eng = Engine.from_pretrained(str(minilm_path()), max_slots=16)
-    for name in ("cls-a", "cls-b", "ml", "ner", "emb", "late"):
+    for name in ("cls-a", "cls-b", "ml", "ner", "emb", "late", "ver-1", "ver-2", "ver-3"):
         eng.load_adapter(name, adapter_dirs[name])
     return eng
 
 
 @pytest.fixture(scope="session")
-def server(adapter_dirs):
+def store_root(tmp_path_factory) -> Path:
+    """The served app's AdapterStore root (what several replicas or `polyhead adapters add` would share)."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def server(adapter_dirs, store_root):
     import ray
     from ray import serve
 
@@ -81,11 +92,12 @@ def server(adapter_dirs):
     ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        served = {k: str(v) for k, v in adapter_dirs.items() if k not in ("late", "broken")}
+        static = ("cls-a", "cls-b", "ml", "ner", "emb", "lazy", "victim")
+        served = {k: str(v) for k, v in adapter_dirs.items() if k in static}
         main = build_app({"max_batch_size": 16, "batch_wait_timeout_s": 0.15, "max_ongoing_requests": 32,
                           "max_queued_requests": 64, "num_threads": 2, "num_cpus": 1, "max_slots": 8,
                           "admin_api_key": ADMIN_KEY, "adapters": served, "max_items": 64,
-                          "max_body_bytes": 200_000})
+                          "max_body_bytes": 200_000, "store_root": str(store_root), "store_ttl_s": 0.2})
         serve.run(main, name="polyhead", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url)

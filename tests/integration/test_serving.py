@@ -210,3 +210,77 @@ def test_overload_answers_503_json_with_retry_after(server, client):
             assert r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "overloaded_error"
     assert client.post("/v1/classify", json={"model": "cls-a", "input": "after the storm"}).status_code == 200
+
+
+def _logits(client, model, text):
+    r = client.post("/v1/classify", json={"model": model, "input": text})
+    assert r.status_code == 200, r.text
+    return r.json()["data"][0]["logits"]
+
+
+def test_versions_latest_and_pinned_are_served_side_by_side_then_deleted(client, engine, adapter_dirs,
+                                                                         admin_headers):
+    text = TEXTS[2]
+    v1, v2 = alone(engine, "ver-1", text).logits, alone(engine, "ver-2", text).logits
+    assert not torch.allclose(v1, v2)
+    r = client.post("/v1/adapters", headers=admin_headers, json={"name": "ver", "source": str(adapter_dirs["ver-1"])})
+    assert r.status_code == 201, r.text
+    assert (r.json()["version"], r.json()["ref"]) == (1, "ver@1")
+    close(_logits(client, "ver", text), v1)
+    r = client.post("/v1/adapters", headers=admin_headers, json={"name": "ver", "source": str(adapter_dirs["ver-2"]),
+                                                                 "labels": ["no", "yes"]})
+    assert r.status_code == 201, r.text
+    assert (r.json()["version"], r.json()["labels"]) == (2, ["no", "yes"])
+    close(_logits(client, "ver", text), v2)  # the latest version, at once on the replica that published it
+    close(_logits(client, "ver@1", text), v1)
+    close(_logits(client, "ver@2", text), v2)
+    # both versions resident together, in one request
+    r = client.post("/v1/classify", json={"model": ["ver@1", "ver@2", "ver"], "input": text})
+    assert r.status_code == 200, r.text
+    (a, b, c) = r.json()["data"]
+    close(a["logits"], v1), close(b["logits"], v2), close(c["logits"], v2)
+    assert (a["model"], b["label"] in ("no", "yes"), a["label"].startswith("LABEL_")) == ("ver@1", True, True)
+    listed = {a["name"]: a for a in client.get("/v1/adapters", headers=admin_headers).json()["data"]}
+    assert listed["ver"]["version"] == 2 and listed["ver"]["versions"] == [1, 2] and listed["ver"]["loaded"]
+    assert listed["cls-a"]["version"] is None  # static entries have no versions
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["ver"]["versions"] == [1, 2]
+    # removing one version
+    assert client.delete("/v1/adapters/ver@1", headers=admin_headers).status_code == 200
+    assert client.post("/v1/classify", json={"model": "ver@1", "input": text}).status_code == 404
+    close(_logits(client, "ver", text), v2)
+    # removing the name removes every version
+    r = client.delete("/v1/adapters/ver", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    for model in ("ver", "ver@1", "ver@2"):
+        r = client.post("/v1/classify", json={"model": model, "input": text})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
+    assert client.delete("/v1/adapters/ver", headers=admin_headers).status_code == 404
+    assert "ver" not in [a["name"] for a in client.get("/v1/adapters", headers=admin_headers).json()["data"]]
+
+
+def test_a_version_published_into_the_store_elsewhere_is_picked_up(client, engine, adapter_dirs, store_root,
+                                                                   admin_headers):
+    """What another replica or `polyhead adapters add` publishes into the shared store root is served
+    within the lookup TTL (0.2 s here), with no call to this replica."""
+    import time
+
+    from adapters_store import AdapterStore
+
+    text = TEXTS[1]
+    store = AdapterStore(store_root)
+    schema = engine.schema
+    assert store.add("shared", adapter_dirs["ver-1"], schema=schema).version == 1
+    close(_logits(client, "shared", text), alone(engine, "ver-1", text).logits)
+    assert store.add("shared", adapter_dirs["ver-3"], schema=schema).version == 2
+    deadline = time.monotonic() + 10
+    expected = alone(engine, "ver-3", text).logits
+    while not torch.allclose(torch.tensor(_logits(client, "shared", text)), expected, atol=2e-4, rtol=1e-4):
+        assert time.monotonic() < deadline, "the new version was not picked up"
+        time.sleep(0.1)
+    close(_logits(client, "shared@1", text), alone(engine, "ver-1", text).logits)
+    store.remove("shared")  # removed elsewhere: 404 once the cached lookup expires, never a 500 or 422
+    time.sleep(0.3)
+    for model in ("shared", "shared@1"):
+        r = client.post("/v1/classify", json={"model": model, "input": text})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
