@@ -378,6 +378,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process Engine.infer rows")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in the model replica")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--httpx-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -419,7 +420,7 @@ def main(argv=None) -> None:
 
         cfg = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                "max_ongoing_requests": max(64, args.max_batch_size), "max_queued_requests": 256,
-               "num_threads": os.cpu_count() or 1, "max_slots": N_ADAPTERS, "max_rank": 16,
+               "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16,
                "adapters": dirs}
         port = free_port()
         ray.init(num_cpus=max(4, (os.cpu_count() or 1) + 1), _node_ip_address="127.0.0.1",
