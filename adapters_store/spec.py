@@ -62,11 +62,3 @@ class AdapterSpec:
     @property
     def max_rank(self) -> int:
         return max((d.rank for d in self.lora.values()), default=0)
-
-    def nbytes(self) -> int:
-        total = 0
-        for d in self.lora.values():
-            total += d.A.nbytes + d.B.nbytes + (d.magnitude.nbytes if d.magnitude is not None else 0)
-        if self.head is not None:
-            total += self.head.weight.nbytes + self.head.bias.nbytes
-        return total

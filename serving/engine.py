@@ -185,7 +185,8 @@ class Engine:
         by_name: OrderedDict[str | None, list[_Row]] = OrderedDict()
         for row in rows:
             by_name.setdefault(row.name, []).append(row)
-        resident = set(self.pool.resident())
+        with self._lock:  # another thread may be loading or evicting
+            resident = set(self.pool.resident())
         names = sorted(by_name, key=lambda n: (n is not None, n not in resident))
         groups, current, adapters, longest = [], [], set(), 0
         for name in names:
