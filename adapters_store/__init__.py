@@ -6,10 +6,10 @@ from .errors import AdapterError
 from .files import FileLimits
 from .loader import load_adapter_dir
 from .names import check_name
-from .spec import AdapterSpec, HeadSpec, LoraDelta
+from .spec import AdapterSpec, Bottleneck, HeadSpec, Ia3Vector, LoraDelta
 from .store import AdapterStore, AdapterVersion, parse_ref
 
 __all__ = [
-    "AdapterError", "AdapterSpec", "AdapterStore", "AdapterVersion", "BaseSchema", "FileLimits", "HeadSpec",
+    "AdapterError", "AdapterSpec", "AdapterStore", "AdapterVersion", "BaseSchema", "Bottleneck", "FileLimits", "HeadSpec", "Ia3Vector",
     "LinearShape", "LoraDelta", "check_name", "load_adapter_dir", "parse_ref",
 ]

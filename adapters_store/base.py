@@ -6,7 +6,7 @@ the model is built on the meta device with accelerate's `init_empty_weights`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -33,6 +33,12 @@ class BaseSchema:
     base_model_prefix: str  # "bert", "model", "transformer": how PEFT names the backbone
     has_pooler: bool
     linears: Mapping[str, LinearShape]  # module name in the served model -> shape
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0  # = num_attention_heads without grouped-query attention
+    head_dim: int = 0
+    # residual sub-layers where bottleneck adapters attach (BERT-style: dense -> dropout -> LayerNorm(h + input)):
+    # module name -> (layer index, AdapterHub location: "mh_adapter" after attention, "output_adapter" after the FFN)
+    sublayers: Mapping[str, tuple[int, str]] = field(default_factory=dict)
 
     def resolve_module(self, name: str) -> str | None:
         """Map a module path as an adapter file names it to the served model's name."""
@@ -43,6 +49,14 @@ class BaseSchema:
             return name[len(prefix):]
         if prefix + name in self.linears:
             return prefix + name
+        return None
+
+    def resolve_sublayer(self, name: str) -> str | None:
+        """Like resolve_module, for the residual sub-layers in `sublayers`."""
+        prefix = self.base_model_prefix + "."
+        for candidate in (name, name[len(prefix):] if name.startswith(prefix) else None, prefix + name):
+            if candidate in self.sublayers:
+                return candidate
         return None
 
     @classmethod
@@ -56,6 +70,9 @@ class BaseSchema:
                 d_in, d_out = module.weight.shape
                 linears[name] = LinearShape(d_in, d_out, True)
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 0
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
         return cls(
             model_type=config.model_type,
             is_causal=is_causal,
@@ -66,6 +83,10 @@ class BaseSchema:
             base_model_prefix=getattr(model, "base_model_prefix", "") or "",
             has_pooler=getattr(model, "pooler", None) is not None,
             linears=linears,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            sublayers=_sublayers(model),
         )
 
     @classmethod
@@ -81,6 +102,22 @@ class BaseSchema:
         with init_empty_weights():
             model = build_model(config, causal)
         return cls.from_model(model, causal)
+
+
+def _sublayers(model: nn.Module) -> dict[str, tuple[int, str]]:
+    """BERT-style residual sub-layers: `*SelfOutput` (after attention) and `*Output` (after the FFN) modules
+    with dense, dropout and LayerNorm, inside a numbered layer."""
+    out = {}
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not cls.endswith("Output") or not all(hasattr(module, a) for a in ("dense", "dropout", "LayerNorm")):
+            continue
+        parts = name.split(".")
+        index = next((int(p) for p in reversed(parts) if p.isdigit()), None)
+        if index is None:
+            continue
+        out[name] = (index, "mh_adapter" if cls.endswith("SelfOutput") else "output_adapter")
+    return out
 
 
 def is_causal_config(config) -> bool:
