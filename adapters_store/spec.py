@@ -95,7 +95,7 @@ class HeadSpec:
 class AdapterSpec:
     name: str
     format: str  # "peft" | "adapterhub"
-    kind: str  # lora | rslora | dora | adalora | ia3 | prompt_tuning | p_tuning | prefix_tuning | bottleneck
+    kind: str  # lora | rslora | dora | adalora | ia3 | prompt_tuning | p_tuning | prefix_tuning | bottleneck | head
     lora: Mapping[str, LoraDelta] = field(default_factory=dict)  # base module name -> delta
     ia3: Mapping[str, Ia3Vector] = field(default_factory=dict)  # base module name -> scaling vector
     bottleneck: Mapping[str, Bottleneck] = field(default_factory=dict)  # sub-layer module name (schema.sublayers)

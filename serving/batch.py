@@ -3,6 +3,11 @@
 Rows are reordered so that base rows (slot -1) come first and each adapter's rows are
 contiguous (a segment); segments with the same number of rows are adjacent, forming
 buckets that a kernel runs as one batched matmul.
+
+An optional `group` per slot (an int: the engine gives one per adapter kind, e.g. IA3,
+each bottleneck configuration, prompts, prefixes) orders segments first by group, so each
+group's rows are one contiguous range (`ranges`) and buckets never cross a group boundary:
+a layer that treats one kind of row reads one slice.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class BatchPlan:
     segments: tuple[Segment, ...]  # adapter rows only, in sorted order
     buckets: tuple[Bucket, ...]
     token_slots: torch.Tensor  # [B] int64 slot per sorted row (reference kernels expand it per token)
+    ranges: dict = field(default_factory=dict, compare=False)  # group -> (row0, row1) of its rows, sorted order
     workspace: dict = field(default_factory=dict, compare=False)  # kernels' scratch buffers, kept by the engine
 
     @property
@@ -55,10 +61,12 @@ class BatchPlan:
         return bool(self.segments)
 
     @classmethod
-    def build(cls, slots: list[int], device: torch.device | str = "cpu", workspace: dict | None = None) -> "BatchPlan":
+    def build(cls, slots: list[int], device: torch.device | str = "cpu", workspace: dict | None = None,
+              group: dict[int, int] | None = None) -> "BatchPlan":
         counts = Counter(s for s in slots if s >= 0)
-        # base rows first, then segments ordered by (row count, slot): equal-size segments adjoin
-        rank = {s: i for i, s in enumerate(sorted(counts, key=lambda s: (counts[s], s)))}
+        group = group or {}
+        # base rows first, then segments ordered by (group, row count, slot): equal-size segments adjoin
+        rank = {s: i for i, s in enumerate(sorted(counts, key=lambda s: (group.get(s, 0), counts[s], s)))}
         order = sorted(range(len(slots)), key=lambda i: (-1 if slots[i] < 0 else rank[slots[i]], i))
         row_slots = tuple(slots[i] for i in order)
         segments, buckets = [], []
@@ -66,11 +74,17 @@ class BatchPlan:
         for slot in sorted(counts, key=lambda s: rank[s]):
             segments.append(Segment(slot, row, row + counts[slot]))
             row += counts[slot]
+        ranges: dict[int, tuple[int, int]] = {}
+        for seg in segments:
+            g = group.get(seg.slot, 0)
+            ranges[g] = (ranges[g][0] if g in ranges else seg.row0, seg.row1)
         i = 0
         while i < len(segments):
             j = i
             size = segments[i].row1 - segments[i].row0
-            while j < len(segments) and segments[j].row1 - segments[j].row0 == size:
+            g = group.get(segments[i].slot, 0)
+            while (j < len(segments) and segments[j].row1 - segments[j].row0 == size
+                   and group.get(segments[j].slot, 0) == g):
                 j += 1
             seg_slots = tuple(s.slot for s in segments[i:j])
             index = torch.tensor(seg_slots, dtype=torch.long, device=device)
@@ -83,4 +97,9 @@ class BatchPlan:
             buckets=tuple(buckets),
             token_slots=torch.tensor(row_slots, dtype=torch.long, device=device),
             workspace={} if workspace is None else workspace,
+            ranges=ranges,
         )
+
+    def buckets_in(self, row0: int, row1: int) -> list[Bucket]:
+        """The buckets inside sorted rows [row0, row1) (a group's range never splits a bucket)."""
+        return [b for b in self.buckets if b.row0 >= row0 and b.row1 <= row1]

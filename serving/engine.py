@@ -1,11 +1,16 @@
 """Engine: one frozen base model, many adapters in slots, one batched forward per group of rows.
 
-Path of a batch: validate rows -> group them (at most max_slots adapters, a token budget)
--> per group: SlotPool.acquire -> BatchPlan.build -> base forward with hooked layers
--> heads and pooled embeddings -> results in the caller's order.
+Path of a batch: validate rows -> group them (at most max_slots adapters, a token budget,
+lengths close enough that padding costs less than another forward)
+-> per group: SlotPool.acquire -> rows with the same input and the same body (head-only
+adapters, or one body under several heads) become one body row -> BatchPlan.build
+-> base forward with hooked layers (LoRA/IA3 linears, bottleneck sub-layers, prefix
+attention; prompt rows get their virtual tokens as input embeddings)
+-> heads per request row and pooled embeddings -> results in the caller's order.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,12 +23,17 @@ from torch import nn
 from adapters_store import AdapterError, AdapterSpec, BaseSchema, FileLimits, load_adapter_dir
 from adapters_store.base import is_causal_config
 
-from . import kernels
+from . import attention, kernels
 from .batch import BatchPlan
+from .bottleneck import Configs, attach_bottleneck
 from .errors import RequestError
 from .heads import head_logits, mean_pool
-from .layers import ForwardState, attach_lora
-from .slots import LoraSlots, SlotPool
+from .layers import GROUP_IA3, GROUP_PLAIN, GROUP_PREFIX, GROUP_PROMPT, ForwardState, attach_linear
+from .slots import SlotPool
+
+# A forward costs about as much as this many padded tokens (MiniLM, CPU): rows are split into
+# separate forwards by length only where that saves more padding than this.
+FORWARD_OVERHEAD_TOKENS = 256
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,20 +60,30 @@ class _Row:
     index: int  # position in the caller's list
     ids: list[int]
     name: str | None
+    virtual: int = 0  # prompt tokens prepended (prompt/P-tuning adapters)
+
+    @property
+    def length(self) -> int:
+        return self.virtual + len(self.ids)
 
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, causal: bool, device: torch.device, dtype: torch.dtype,
                  max_slots: int = 64, max_rank: int = 64, max_tokens: int | None = None,
-                 max_batch_tokens: int = 32768, kernel: str | None = None, limits: FileLimits = FileLimits()):
+                 max_batch_tokens: int = 32768, max_virtual_tokens: int = 128, max_bottleneck: int = 256,
+                 kernel: str | None = None, limits: FileLimits = FileLimits()):
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        if max_virtual_tokens < 1 or max_bottleneck < 1:
+            raise ValueError(f"max_virtual_tokens and max_bottleneck must be >= 1, "
+                             f"got {max_virtual_tokens} and {max_bottleneck}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model, self.tokenizer, self.causal = model, tokenizer, causal
         self.device, self.dtype = device, dtype
         self.schema = BaseSchema.from_model(model, causal)
         self.max_rank, self.limits = max_rank, limits
+        self.max_virtual_tokens, self.max_bottleneck = max_virtual_tokens, max_bottleneck
         self.max_tokens = min(max_tokens or self.schema.max_positions, self.schema.max_positions)
         self.max_batch_tokens = max(max_batch_tokens, self.max_tokens)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
@@ -71,13 +91,20 @@ class Engine:
         self._state = ForwardState(kernels=kernels.select(device.type, kernel))
         modules = dict(model.named_modules())
         linears = {name: modules[name] for name in self.schema.linears}
-        self.pool = SlotPool(max_slots, max_rank, dtype, device, self.schema.hidden_size, linears,
-                             self.schema.linears, self._on_new_module)
+        self._modules = modules
         self._linears = linears
+        self._hooked: set[str] = set()
+        self._configs = Configs()  # bottleneck configurations -> BatchPlan groups
+        prefix_shape = (self.schema.num_layers, self.schema.num_key_value_heads, self.schema.head_dim)
+        self.pool = SlotPool(max_slots, max_rank, dtype, device, self.schema.hidden_size, linears,
+                             self.schema.linears, self._on_new_slots, max_bottleneck=max_bottleneck,
+                             prefix_shape=prefix_shape)
         self._specs: dict[str, AdapterSpec] = {}
+        self._bodies: dict[str, str | None] = {}  # adapter -> fingerprint of its body (None: head-only)
         self._lock = threading.RLock()
         self._workspace: dict = {}  # kernels' scratch buffers, reused by every forward (under the lock)
         self.forwards = 0
+        self.body_rows = 0  # rows the body ran for (multi-task rows sharing a body count once)
 
     @classmethod
     def from_pretrained(cls, base_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -103,13 +130,11 @@ class Engine:
         """Validate the adapter folder and make it resident; a name loaded again is replaced."""
         spec = load_adapter_dir(path, self.schema, name=name, max_rank=self.max_rank, labels=labels,
                                 limits=self.limits)
-        for module, saved in spec.base_copies.items():
-            weight = self._linears[module].weight.detach()
-            if not torch.equal(saved.to(device=weight.device, dtype=weight.dtype), weight):
-                raise AdapterError(f"{path}: the adapter carries a changed copy of base layer '{module}' "
-                                   "(trained or resized base weights); polyhead serves one frozen base")
+        self._check_limits(spec, path)
+        body = _body_fingerprint(spec)
         with self._lock:
             self._specs[name] = spec
+            self._bodies[name] = body
             self.pool.drop(name)
             self.pool.release(self.pool.acquire([spec]).values())
         return spec
@@ -118,6 +143,7 @@ class Engine:
         with self._lock:  # waits for a running batch
             if self._specs.pop(name, None) is None:
                 raise AdapterError(f"unknown adapter {name!r}")
+            self._bodies.pop(name, None)
             self.pool.drop(name)
 
     def adapters(self) -> dict[str, AdapterSpec]:
@@ -132,10 +158,52 @@ class Engine:
                 "resident": len(self.pool.resident()), "adapted_modules": len(self.pool.lora),
                 "slot_bytes": slot_bytes, "slot_bytes_per_slot": slot_bytes / self.pool.max_slots,
                 "loads": self.pool.loads, "evictions": self.pool.evictions, "forwards": self.forwards,
+                "body_rows": self.body_rows,
             }
 
-    def _on_new_module(self, name: str, slots: LoraSlots) -> None:
-        attach_lora(name, self._linears[name], slots, self._state)
+    def _check_limits(self, spec: AdapterSpec, path) -> None:
+        n = spec.num_virtual_tokens
+        if n > self.max_virtual_tokens:
+            raise AdapterError(f"{path}: {n} virtual tokens, over this engine's max_virtual_tokens "
+                               f"{self.max_virtual_tokens}")
+        if n >= self.schema.max_positions:
+            raise AdapterError(f"{path}: {n} virtual tokens leave no room for input in the base's "
+                               f"{self.schema.max_positions} positions")
+        for sub, bn in spec.bottleneck.items():
+            if bn.size > self.max_bottleneck:
+                raise AdapterError(f"{path}: bottleneck at '{sub}' has {bn.size} units, over this engine's "
+                                   f"max_bottleneck {self.max_bottleneck}")
+        for module, base in spec.base_copies.items():
+            weight = self._linears[module].weight.detach()
+            if not torch.equal(base.to(device=weight.device, dtype=weight.dtype), weight):
+                raise AdapterError(f"{path}: the adapter carries a changed copy of base layer '{module}' "
+                                   "(trained or resized base weights); polyhead serves one frozen base")
+
+    def _on_new_slots(self, kind: str, name: str, slots) -> None:
+        """A slot stack was created (SlotPool): hook the module that reads it."""
+        if kind in ("lora", "ia3"):
+            if kind == "lora":
+                self._state.add_module(name, slots)
+            else:
+                self._state.ia3[name] = slots
+            if name not in self._hooked:
+                attach_linear(name, self._linears[name], self._state)
+                self._hooked.add(name)
+        elif kind == "bottleneck":
+            attach_bottleneck(self._modules[name], slots, self._state, self._configs)
+        elif kind == "prefix":
+            self._state.prefix_slots = slots
+            attention.install(self.model, self._state)
+
+    def _group(self, spec: AdapterSpec) -> int:
+        """The BatchPlan group of an adapter's rows: each kind (and bottleneck configuration) is one range."""
+        if spec.prefix is not None:
+            return GROUP_PREFIX
+        if spec.prompt is not None:
+            return GROUP_PROMPT
+        if spec.bottleneck:
+            return self._configs.group(next(iter(spec.bottleneck.values())))
+        return GROUP_IA3 if spec.ia3 else GROUP_PLAIN
 
     # inference ----------------------------------------------------------------------------
 
@@ -144,12 +212,22 @@ class Engine:
         rows = []
         for i, req in enumerate(requests):
             try:
-                rows.append(_Row(i, self._input_ids(req), self._check_adapter(req.adapter)))
+                rows.append(self._row(i, req))
             except (RequestError, AdapterError) as exc:
                 results[i].error = str(exc)
         for group in self._groups(rows):
             self._run(group, results)
         return results
+
+    def _row(self, index: int, req: Request) -> _Row:
+        ids = self._input_ids(req)
+        name = self._check_adapter(req.adapter)
+        spec = self._specs.get(name) if name is not None else None
+        n = spec.num_virtual_tokens if spec is not None else 0
+        if n and len(ids) + n > self.schema.max_positions:
+            raise RequestError(f"input has {len(ids)} tokens; with the adapter's {n} virtual tokens that is over "
+                               f"the base's {self.schema.max_positions} positions")
+        return _Row(index, ids, name, spec.prompt.shape[0] if spec is not None and spec.prompt is not None else 0)
 
     def _check_adapter(self, name) -> str | None:
         if name is None:
@@ -181,7 +259,8 @@ class Engine:
         return ids
 
     def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows grouped into forwards: at most max_slots distinct adapters and max_batch_tokens padded tokens."""
+        """Rows grouped into forwards: at most max_slots distinct adapters and max_batch_tokens padded tokens,
+        then split by length where the padding saved outweighs another forward."""
         by_name: OrderedDict[str | None, list[_Row]] = OrderedDict()
         for row in rows:
             by_name.setdefault(row.name, []).append(row)
@@ -193,17 +272,17 @@ class Engine:
             for row in by_name[name]:
                 new_adapter = name is not None and name not in adapters
                 too_many = new_adapter and len(adapters) == self.pool.max_slots
-                too_long = (len(current) + 1) * max(longest, len(row.ids)) > self.max_batch_tokens
+                too_long = (len(current) + 1) * max(longest, row.length) > self.max_batch_tokens
                 if current and (too_many or too_long):
                     groups.append(current)
                     current, adapters, longest = [], set(), 0
                 current.append(row)
-                longest = max(longest, len(row.ids))
+                longest = max(longest, row.length)
                 if name is not None:
                     adapters.add(name)
         if current:
             groups.append(current)
-        return groups
+        return [part for group in groups for part in _split_by_length(group)]
 
     def _run(self, group: list[_Row], results: list[Result]) -> None:
         with self._lock:
@@ -216,45 +295,148 @@ class Engine:
             specs = {r.name: self._specs[r.name] for r in live if r.name is not None}
             slot_of = self.pool.acquire(list(specs.values()))
             try:
-                plan = BatchPlan.build([slot_of[r.name] if r.name else -1 for r in live], self.device, self._workspace)
-                rows = [live[i] for i in plan.order]
+                # one body row per (input, body): head-only adapters run the base body, equal bodies run once
+                bodies: dict[tuple, int] = {}
+                body_rows: list[tuple[_Row, int]] = []  # (row whose input it is, body slot)
+                body_of = []
+                for r in live:
+                    fingerprint = self._bodies.get(r.name) if r.name is not None else None
+                    key = (tuple(r.ids), fingerprint)
+                    if key not in bodies:
+                        bodies[key] = len(body_rows)
+                        body_rows.append((r, slot_of[r.name] if fingerprint is not None else -1))
+                    body_of.append(bodies[key])
+                groups = {slot_of[n]: self._group(spec) for n, spec in specs.items()}
+                plan = BatchPlan.build([slot for _, slot in body_rows], self.device, self._workspace, groups)
+                position = {b: pos for pos, b in enumerate(plan.order)}  # body row -> sorted position
+                ordered = [body_rows[b] for b in plan.order]
+                wanted = [(position[body_of[i]], slot_of[r.name] if r.name is not None else -1)
+                          for i, r in enumerate(live)]
                 self._state.begin(plan)
                 try:
-                    outputs = self._forward(rows, plan)
+                    outputs = self._forward(ordered, plan, wanted)
                 finally:
                     self._state.end()
             finally:
                 self.pool.release(slot_of.values())
-        for pos, row in enumerate(rows):
+        for i, row in enumerate(live):
             res = results[row.index]
-            res.logits, res.embedding = outputs[pos]
+            res.logits, res.embedding = outputs[i]
             spec = specs.get(row.name)
             if spec is not None and spec.head is not None:
                 res.task, res.labels = spec.head.task, spec.head.labels
 
     @torch.inference_mode()
-    def _forward(self, rows: list[_Row], plan: BatchPlan) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-        B, T = len(rows), max(len(r.ids) for r in rows)
-        ids = torch.tensor([r.ids + [self.pad_id] * (T - len(r.ids)) for r in rows], dtype=torch.long)  # [B, T]
-        mask = torch.tensor([[1] * len(r.ids) + [0] * (T - len(r.ids)) for r in rows], dtype=torch.long)  # [B, T]
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        model_mask = None if all(len(r.ids) == T for r in rows) else mask  # no padding: attention needs no mask
+    def _forward(self, rows: list[tuple[_Row, int]], plan: BatchPlan,
+                 wanted: list[tuple[int, int]]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """rows: body rows in plan order (input row, body slot); wanted: (body position, head slot) per result."""
+        dev = self.device
+        virtual = [r.virtual for r, _ in rows]  # prompt tokens before each row's input
+        lengths = [r.length for r, _ in rows]
+        B, T = len(rows), max(lengths)
+        ids = torch.tensor([[self.pad_id] * r.virtual + r.ids + [self.pad_id] * (T - r.length) for r, _ in rows],
+                           dtype=torch.long, device=dev)  # [B, T]
+        pos = torch.arange(T, device=dev)
+        start = torch.tensor(virtual, device=dev).unsqueeze(1)  # [B, 1]
+        end = torch.tensor(lengths, device=dev).unsqueeze(1)
+        mask = (pos < end).long()  # [B, T]: virtual and real tokens
+        real = (pos >= start) & (pos < end)  # [B, T]: the input's own tokens
+        inputs = {"attention_mask": None if min(lengths) == T else mask}
+        embeds = self._prompt_embeddings(ids, plan, virtual)
+        if embeds is None:
+            inputs["input_ids"] = ids
+        else:
+            inputs["inputs_embeds"] = embeds
+        prefix = plan.ranges.get(GROUP_PREFIX)
+        if prefix is not None:
+            row0 = prefix[0]
+            slots = plan.token_slots[row0:]
+            n_prefix = torch.tensor([self.pool.prefix.lengths[s] for s in plan.row_slots[row0:]], device=dev)
+            self._state.prefix_rows = (row0, slots, n_prefix)
+            shift = torch.zeros(B, dtype=torch.long, device=dev)
+            shift[row0:] = n_prefix
+            inputs["position_ids"] = pos.unsqueeze(0) + shift.unsqueeze(1)  # real tokens follow the prefix
         self.forwards += 1
+        self.body_rows += B
         if self.causal:
             backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(input_ids=ids, attention_mask=model_mask).last_hidden_state  # [B, T, H]
-            lm_logits = self.model.get_output_embeddings()(hidden)  # [B, T, V]
-            heads = {i: lm_logits[i] for i in range(B)}
+            hidden = backbone(**inputs).last_hidden_state  # [B, T, H]
+            pooled = None
         else:
-            out = self.model(input_ids=ids, attention_mask=model_mask)
+            out = self.model(**inputs)
             hidden, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
-            heads = head_logits(self.pool.heads, plan, hidden, pooled)
-        emb = mean_pool(hidden, mask).cpu()
+        heads = {} if self.causal else head_logits(self.pool.heads, wanted, hidden, pooled)
+        emb = mean_pool(hidden, real.long()).cpu()
+        lm_logits = self.model.get_output_embeddings()(hidden) if self.causal else None  # [B, T, V], hooked
         results = []
-        for i, r in enumerate(rows):
-            logits = heads.get(i)
+        for i, (body, _) in enumerate(wanted):
+            v, n = virtual[body], lengths[body]
+            if lm_logits is not None:
+                logits = lm_logits[body, v:n]  # [len, vocab]
+            else:
+                logits = heads.get(i)
+                if logits is not None and logits.dim() == 2:
+                    logits = logits[v:n]  # token head: the input's own positions
             if logits is not None:
-                logits = logits[: len(r.ids)] if logits.dim() == 2 else logits
                 logits = logits.to(torch.float32).cpu()
-            results.append((logits, emb[i]))
+            results.append((logits, emb[body]))
         return results
+
+    def _prompt_embeddings(self, ids: torch.Tensor, plan: BatchPlan, virtual: list[int]) -> torch.Tensor | None:
+        """Word embeddings with each prompt row's virtual tokens written in front, or None without prompt rows."""
+        rng = plan.ranges.get(GROUP_PROMPT)
+        if rng is None:
+            return None
+        row0, row1 = rng
+        embeds = self.model.get_input_embeddings()(ids)  # [B, T, H]
+        P = max(virtual[row0:row1])
+        n = torch.tensor(virtual[row0:row1], device=ids.device).unsqueeze(1)  # [k, 1]
+        prompts = self.pool.prompt.data[:, :P].index_select(0, plan.token_slots[row0:row1])  # [k, P, H]
+        keep = (torch.arange(P, device=ids.device) >= n).unsqueeze(2)  # [k, P, 1]: past the row's prompt
+        embeds[row0:row1, :P] = torch.where(keep, embeds[row0:row1, :P], prompts.to(embeds.dtype))
+        return embeds
+
+
+def _split_by_length(rows: list[_Row]) -> list[list[_Row]]:
+    """Split a forward's rows by length (longest first) where padding them together would cost more
+    padded tokens than FORWARD_OVERHEAD_TOKENS: rows of very different lengths do not pay for each other."""
+    rows = sorted(rows, key=lambda r: -r.length)
+    parts, start = [], 0
+    for i in range(1, len(rows)):
+        saved = (len(rows) - i) * (rows[start].length - rows[i].length)
+        if saved > FORWARD_OVERHEAD_TOKENS:
+            parts.append(rows[start:i])
+            start = i
+    parts.append(rows[start:])
+    return [p for p in parts if p]
+
+
+def _body_fingerprint(spec: AdapterSpec) -> str | None:
+    """Identity of what an adapter changes in the body (not its head); None for a head-only adapter.
+
+    Rows with one input and equal fingerprints run the body once and fan out to their heads.
+    """
+    if not spec.has_body:
+        return None
+    digest = hashlib.sha256()
+
+    def add(*items) -> None:
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                digest.update(str(tuple(item.shape)).encode())
+                digest.update(item.detach().to(torch.float32).contiguous().numpy().tobytes())
+            elif isinstance(item, tuple):
+                add(*item)
+            else:
+                digest.update(repr(item).encode())
+
+    for module, d in sorted(spec.lora.items()):
+        add("lora", module, d.A, d.B, d.scale, d.magnitude)
+    for module, v in sorted(spec.ia3.items()):
+        add("ia3", module, v.scale, v.on_input)
+    for sub, bn in sorted(spec.bottleneck.items()):
+        add("bottleneck", sub, bn.down, bn.down_bias, bn.up, bn.up_bias, bn.activation, bn.scaling,
+            bn.original_ln_before, bn.original_ln_after, bn.residual_before_ln, bn.adapter_residual_before_ln,
+            bn.ln_before, bn.ln_after)
+    add("prompt", spec.prompt, "prefix", spec.prefix)
+    return digest.hexdigest()

@@ -1,38 +1,54 @@
 """Per-row task heads and pooled outputs, read from the head slots.
 
-PEFT SEQ_CLS heads read the base's own pooler output; token heads read every real
-token's last hidden state. Logits are raw (softmax/sigmoid belong to the HTTP layer).
+PEFT SEQ_CLS heads read the base's own pooler output; AdapterHub classification heads read the
+hidden state at position 0 through their own layers; token heads read every real token's last
+hidden state. Logits are raw (softmax/sigmoid belong to the HTTP layer).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from transformers.activations import get_activation
 
-from .batch import BatchPlan
 from .slots import HeadSlots
 
 
-def head_logits(heads: HeadSlots, plan: BatchPlan, hidden: torch.Tensor,
-                pooled: torch.Tensor | None) -> dict[int, torch.Tensor]:
-    """Sorted row -> logits ([C] for sequence heads, [T, C] for token heads); rows without a head are absent.
+def activation(name: str):
+    """An activation by the name AdapterHub configs use (transformers' names, plus "leakyrelu")."""
+    return F.leaky_relu if name == "leakyrelu" else get_activation(name)
 
+
+def head_logits(heads: HeadSlots, wanted: list[tuple[int, int]], hidden: torch.Tensor,
+                pooled: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    """Logits for wanted[i] = (body row, head slot): the head in that slot on that row of the forward.
+
+    Returns i -> logits ([C] for sequence heads, [T, C] for token heads over all T positions);
+    entries whose slot has no head are absent. Rows sharing a head run as one matmul per layer.
     hidden: [B, T, H] last hidden state; pooled: [B, H] the base pooler's output (or None).
     """
+    by_slot: dict[int, list[int]] = {}
+    for i, (_, slot) in enumerate(wanted):
+        if slot >= 0 and heads.specs[slot] is not None:
+            by_slot.setdefault(slot, []).append(i)
     out = {}
-    for seg in plan.segments:
-        spec = heads.specs[seg.slot]
-        if spec is None:
-            continue
-        C = spec.num_labels
-        W, b = heads.W[seg.slot, :C], heads.b[seg.slot, :C]  # [C, H], [C]
+    for slot, items in by_slot.items():
+        spec = heads.specs[slot]
+        layers, W, b = heads.tensors[slot]
+        rows = torch.tensor([wanted[i][0] for i in items], device=hidden.device)
         if spec.task == "token_cls":
-            x = hidden[seg.row0:seg.row1]  # [k, T, H]
+            x = hidden.index_select(0, rows)  # [k, T, H]
         elif spec.pooled:
-            x = pooled[seg.row0:seg.row1]  # [k, H]
+            x = pooled.index_select(0, rows)  # [k, H]
         else:
-            x = hidden[seg.row0:seg.row1, 0]  # [k, H]
-        logits = torch.matmul(x, W.T) + b
-        for i in range(seg.row1 - seg.row0):
-            out[seg.row0 + i] = logits[i]
+            x = hidden[:, 0].index_select(0, rows)  # [k, H]
+        act = activation(spec.activation) if spec.activation else None
+        for W1, b1 in layers:
+            x = torch.nn.functional.linear(x, W1, b1)
+            if act is not None:
+                x = act(x)
+        logits = torch.nn.functional.linear(x, W, b)
+        for j, i in enumerate(items):
+            out[i] = logits[j]
     return out
 
 

@@ -1,4 +1,5 @@
-"""Patched layers: each adapted linear adds every row's own adapter delta to its output.
+"""Patched layers: each adapted linear adds every row's own adapter delta to its output,
+and scales the inputs/outputs of IA3 rows by their own vectors.
 
 The base module's weights are untouched (they keep their storage); the patched forward
 reads the current BatchPlan from the shared ForwardState.
@@ -18,7 +19,15 @@ import torch
 from torch import nn
 
 from .batch import BatchPlan
-from .slots import LoraSlots, fuse_storage
+from .slots import Ia3Slots, LoraSlots, fuse_storage
+
+# BatchPlan groups: the engine gives each slot the group of its adapter's kind, so each kind's rows
+# form one contiguous range (plan.ranges) that a layer treats as one slice.
+GROUP_PLAIN = 0  # LoRA family, head-only adapters
+GROUP_IA3 = 1
+GROUP_BOTTLENECK = 16  # + one per bottleneck configuration (serving/bottleneck.py)
+GROUP_PROMPT = 1 << 20
+GROUP_PREFIX = 1 << 21  # last: attention treats rows [row0, B)
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,10 @@ class ForwardState:
 
     kernels: ModuleType
     plan: BatchPlan | None = None
-    modules: dict[str, LoraSlots] = field(default_factory=dict)
+    modules: dict[str, LoraSlots] = field(default_factory=dict)  # LoRA slots per linear module
+    ia3: dict[str, Ia3Slots] = field(default_factory=dict)
+    ia3_rows: tuple[int, int, torch.Tensor] | None = None  # IA3 rows of this forward: row0, row1, slot per row
+    prefix_rows: tuple[int, torch.Tensor, torch.Tensor] | None = None  # row0, slot per row, prefix length per row
     groups: dict[str, ShrinkGroup] = field(default_factory=dict)  # module -> its group, when it has one
     learning: bool = True
     _inputs: list[tuple[torch.Tensor, list[str]]] = field(default_factory=list)
@@ -53,6 +65,8 @@ class ForwardState:
 
     def begin(self, plan: BatchPlan) -> None:
         self.plan, self._stash, self._inputs = plan, None, []
+        ia3 = plan.ranges.get(GROUP_IA3)
+        self.ia3_rows = None if ia3 is None else (ia3[0], ia3[1], plan.token_slots[ia3[0]:ia3[1]])
 
     def end(self) -> None:
         if self.learning and self._inputs:
@@ -64,6 +78,7 @@ class ForwardState:
                         self.groups[n] = group
             self.learning = False
         self.plan, self._stash, self._inputs = None, None, []
+        self.ia3_rows = self.prefix_rows = None
 
     def shrunk(self, name: str, x: torch.Tensor, x2: torch.Tensor, tpr: int):
         """This module's shrunk input u, computed with its group's on first use."""
@@ -89,32 +104,67 @@ class ForwardState:
         return us[mine]
 
 
-def attach_lora(name: str, module: nn.Module, slots: LoraSlots, state: ForwardState) -> None:
-    """Route `module`'s output through the per-row LoRA/DoRA deltas in `slots`.
+def attach_linear(name: str, module: nn.Module, state: ForwardState) -> None:
+    """Route `module`'s output through the per-row adapters of this forward (state.plan).
 
     The module's forward is shadowed by an instance attribute (its class and weights are
-    untouched): without adapter rows it is the base forward; with them, one op computes the
-    base matmul and the deltas together; DoRA rows rescale the base output first.
+    untouched): without adapter rows it is the base forward. LoRA: one op computes the base
+    matmul and the deltas together; DoRA rows rescale the base output first. IA3 rows (one
+    contiguous range) scale their inputs before, or their outputs after, the base matmul.
+    Called once per module, when its first slot tensor of any kind is created.
     """
     base_forward = module.forward
-    weight, bias = module.weight, getattr(module, "bias", None)
-    d_in, d_out, conv1d = slots.shape.d_in, slots.shape.d_out, slots.shape.conv1d
-    state.add_module(name, slots)
+    weight = module.weight
+    conv1d = type(module).__name__ == "Conv1D"
+    d_in, d_out = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         plan = state.plan
         if plan is None or not plan.has_adapters:
             return base_forward(x)
+        lora, ia3 = state.modules.get(name), state.ia3.get(name)
+        rows = state.ia3_rows if ia3 is not None else None
         x2 = x.reshape(-1, d_in)  # [N, d_in]
         tpr = x2.shape[0] // plan.num_rows
-        u = state.shrunk(name, x, x2, tpr)
-        if slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments):
-            y = base_forward(x)
-            y2 = y.view(-1, d_out)
-            state.kernels.rescale_output(y2, bias, slots.G, plan, tpr)
-            state.kernels.expand(y2, u, slots.B, plan, tpr)
-            return y
-        y2 = state.kernels.linear_expand(x2, weight, conv1d, u, slots.Bb, plan, tpr)
-        return y2.view(*x.shape[:-1], d_out)
+        x_in = x
+        if rows is not None and any(ia3.on_input[s] for s in plan.row_slots[rows[0]:rows[1]]):
+            x_in = x2.clone()
+            _scale_rows(x_in, ia3.vin, rows, tpr)
+            x_in = x_in.view(x.shape)
+        if lora is None:
+            y = base_forward(x_in)
+        else:
+            y = _lora_forward(name, lora, state, x, x_in, tpr, base_forward)
+        if rows is not None and any(ia3.on_output[s] for s in plan.row_slots[rows[0]:rows[1]]):
+            _scale_rows(y.view(-1, d_out), ia3.vout, rows, tpr)
+        return y
 
     module.forward = forward
+
+
+def _scale_rows(t: torch.Tensor, vectors: torch.Tensor, rows: tuple[int, int, torch.Tensor], tpr: int) -> None:
+    """t[tokens of rows row0..row1] *= vectors[slot of the row], in place. t: [N, d], vectors: [S, d]."""
+    row0, row1, slots = rows
+    part = t[row0 * tpr:row1 * tpr].view(row1 - row0, tpr, t.shape[-1])
+    part.mul_(vectors.index_select(0, slots).unsqueeze(1))
+
+
+def _lora_forward(name: str, slots: LoraSlots, state: ForwardState, x: torch.Tensor, x_in: torch.Tensor,
+                  tpr: int, base_forward) -> torch.Tensor:
+    plan = state.plan
+    d_in, d_out, conv1d = slots.shape.d_in, slots.shape.d_out, slots.shape.conv1d
+    x2 = x.reshape(-1, d_in)
+    u = state.shrunk(name, x, x2, tpr)  # LoRA rows are never IA3 rows: x and x_in agree on them
+    if slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments):
+        y = base_forward(x_in)
+        y2 = y.view(-1, d_out)
+        state.kernels.rescale_output(y2, _bias_of(slots), slots.G, plan, tpr)
+        state.kernels.expand(y2, u, slots.B, plan, tpr)
+        return y
+    weight = slots.weight
+    y2 = state.kernels.linear_expand(x_in.reshape(-1, d_in), weight, conv1d, u, slots.Bb, plan, tpr)
+    return y2.view(*x.shape[:-1], d_out)
+
+
+def _bias_of(slots: LoraSlots) -> torch.Tensor | None:
+    return slots.bias

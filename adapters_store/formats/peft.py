@@ -2,7 +2,8 @@
 
 Supported here: LORA (incl. rsLoRA, DoRA, rank/alpha patterns, GPT-2 Conv1D with
 fan_in_fan_out) and ADALORA (folded into plain LoRA: A' = A * E, scale = alpha / (init_r + 1e-5)),
-with SEQ_CLS / TOKEN_CLS heads saved through `modules_to_save`.
+with SEQ_CLS / TOKEN_CLS heads saved through `modules_to_save`. IA3, PROMPT_TUNING, P_TUNING and
+PREFIX_TUNING live in peft_kinds.py and reuse the head and label helpers here.
 Semantics follow PEFT: y = W x + b + scale * B (A x); DoRA rescales per output row.
 """
 from __future__ import annotations
@@ -32,15 +33,22 @@ LORA_SUFFIXES = {
 PART_NAMES = {"A": "lora_A", "B": "lora_B", "E": "lora_E", "m": "lora_magnitude_vector"}
 TASK_HEADS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
 NO_HEAD_TASKS = (None, "FEATURE_EXTRACTION", "CAUSAL_LM")
+SUPPORTED_TYPES = ("LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
 def load_peft(folder: Path, name: str, schema: BaseSchema, *, max_rank: int,
-              labels: list[str] | None, limits: FileLimits) -> AdapterSpec:
+              labels: list[str] | None, limits: FileLimits, max_virtual_tokens: int = 128) -> AdapterSpec:
     cfg_path = folder / CONFIG_FILE
     cfg = read_json(cfg_path, limits)
     peft_type = cfg.get("peft_type")
+    if peft_type not in SUPPORTED_TYPES:
+        raise AdapterError(f"{cfg_path}: PEFT type {peft_type!r} is not supported "
+                           f"(supported: {', '.join(SUPPORTED_TYPES)})")
     if peft_type not in ("LORA", "ADALORA"):
-        raise AdapterError(f"{cfg_path}: PEFT type {peft_type!r} is not supported (supported: LORA, ADALORA)")
+        from .peft_kinds import load_peft_kind  # imported here: peft_kinds imports this module's helpers
+
+        return load_peft_kind(folder, name, schema, cfg, labels=labels, limits=limits,
+                              max_virtual_tokens=max_virtual_tokens)
     _refuse_unsupported_options(cfg_path, cfg)
     weights_path = folder / WEIGHTS_FILE
     tensors = read_safetensors(weights_path, limits)

@@ -1,4 +1,4 @@
-"""Parity with outputs computed by the real PEFT library (../shared/fixtures), alone and mixed."""
+"""Parity with outputs computed by the real PEFT and AdapterHub libraries (../shared/fixtures), alone and mixed."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,6 @@ from serving import Engine, Request
 
 from .conftest import base_path, fixtures_root
 
-SUPPORTED_PEFT_TYPES = {"LORA", "ADALORA"}
-
-
 @lru_cache(maxsize=None)
 def case_info(name: str) -> dict:
     root = fixtures_root() / "cases" / name
@@ -22,16 +19,6 @@ def case_info(name: str) -> dict:
     info["expected"] = load_file(str(root / "expected.safetensors"))
     info["adapter_dir"] = root / "adapter"
     return info
-
-
-def supported(name: str) -> bool:
-    info = case_info(name)
-    if info["format"] == "none":
-        return True
-    if info["format"] != "peft":
-        return False
-    cfg = json.loads((info["adapter_dir"] / "adapter_config.json").read_text())
-    return cfg["peft_type"] in SUPPORTED_PEFT_TYPES
 
 
 def all_cases() -> list[str]:
@@ -68,13 +55,14 @@ def check_row(result, info: dict, row: int, what: str) -> None:
     torch.testing.assert_close(result.logits, expected, **tol, msg=lambda m: f"{what}: {m}")
 
 
-def test_fixture_set_has_cases_this_issue_covers():
-    covered = [c for c in all_cases() if supported(c) and case_info(c)["format"] == "peft"]
-    kinds = {case_info(c)["kind"] for c in covered}
-    assert {"lora", "rslora", "dora", "adalora"} <= kinds, kinds
+def test_fixture_set_has_every_kind():
+    kinds = {(case_info(c)["format"], case_info(c)["kind"]) for c in all_cases()}
+    want = {("peft", k) for k in ("lora", "rslora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning",
+                                  "prefix_tuning")} | {("adapterhub", "bottleneck"), ("adapterhub", "lora")}
+    assert want <= kinds, want - kinds
 
 
-@pytest.mark.parametrize("case", [c for c in all_cases() if supported(c)])
+@pytest.mark.parametrize("case", all_cases())
 def test_case_matches_reference(case):
     info = case_info(case)
     eng = engine_for(info["base"])
@@ -105,9 +93,7 @@ def mixed_scenarios():
     scenarios = json.loads((fixtures_root() / "mixed.json").read_text())
     out = []
     for i, rows in enumerate(scenarios):
-        kept = [r for r in rows if supported(r["case"] or r["base_case"])]
-        if len({r["case"] for r in kept if r["case"]}) >= 1 and len(kept) >= 2:
-            out.append(pytest.param(kept, id=f"scenario{i}-{len(kept)}of{len(rows)}rows"))
+        out.append(pytest.param(rows, id=f"scenario{i}-{len(rows)}rows"))
     return out
 
 
