@@ -35,6 +35,8 @@ from .slots import SlotPool
 # separate forwards by length only where that saves more padding than this.
 FORWARD_OVERHEAD_TOKENS = 256
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -117,10 +119,13 @@ class Engine:
         auto = AutoModelForCausalLM if causal else AutoModel
         model = auto.from_pretrained(str(base_dir), dtype=torch_dtype, local_files_only=True)
         model.to(device).eval().requires_grad_(False)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-        except (OSError, ValueError):
-            tokenizer = None  # requests must then carry input_ids
+        tokenizer = None  # without tokenizer files, requests must carry input_ids
+        if any((Path(base_dir) / f).is_file() for f in TOKENIZER_FILES):
+            # transformers builds an empty tokenizer (every word [UNK]) from a folder without these files
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+            except (OSError, ValueError):
+                tokenizer = None
         return cls(model, tokenizer, causal=causal, device=torch.device(device), dtype=torch_dtype,
                    max_slots=max_slots, **limits)
 
