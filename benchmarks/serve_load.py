@@ -1,47 +1,59 @@
-"""How fast does the served app answer under closed-loop HTTP load, against an empty app and the bare engine?
+"""How fast does the served app answer under closed-loop HTTP load, against an empty app, the bare engine and
+Ray's own many-models recipe, and does it shed (not collapse) under overload?
 
-A local Ray Serve instance on 127.0.0.1 runs, side by side in one run:
-  floor      the same Ingress (FastAPI, tokenization, JSON) bound to a stub model deployment whose
-             @serve.batch method returns at once: the cost of Ray Serve + the ingress alone
-  polyhead   build_app(): Ingress -> ModelServer (one Engine, batched over many adapters)
-  engine     serving.Engine.infer in this process on the same texts (tokenization included), at the
-             mean batch size the server formed at that level (rows/s = batch / time per call)
+One local Ray Serve instance, every Ray port on 127.0.0.1 (serving.app.start_local_ray), runs side by side:
+  floor        the same Ingress (FastAPI, tokenization, JSON) bound to a stub model whose @serve.batch method
+               returns at once: the cost of Ray Serve + the ingress alone
+  polyhead     build_app(): Ingress -> ModelServer (one Engine, batches mixing many adapters)
+  multiplexed  benchmarks/multiplexed_peft.py: @serve.multiplexed(max_num_models_per_replica=8), one PEFT
+               model per adapter id, @serve.batch (split by Ray per model id), adapter in the
+               serve_multiplexed_model_id header
+and afterwards, with Ray stopped:
+  engine       serving.Engine.infer in this process on the same texts (tokenization included), at 1 row and
+               at the mean batch size polyhead formed at each level (rows/s = batch / time per call)
 
-Load: `wrk` (C, a Lua script) when it is installed, else an asyncio httpx client in its own process;
-either way the load generator's CPU time is measured and reported (it shares the 2 cores with the server).
-Each request is POST /v1/embeddings or /v1/classify (half each) for a random adapter among 64 random
-PEFT LoRA adapters (r=16, every encoder linear, a 2-label SEQ_CLS head), one input of ~32 tokens
-(--tokens 128 for longer inputs), closed loop at each concurrency level (a level runs --duration s).
-Mean batch size and distinct adapters per batch come from the app's /metrics histograms
-(polyhead_batch_size, polyhead_batch_adapters), read before and after each level.
-Timings are reported, never asserted.
+Load (benchmarks/load_clients.py): closed loop, `wrk` + Lua when installed (else the py client), each request
+POST /v1/embeddings or /v1/classify (half each) for a random adapter among 64 PEFT LoRA adapters (r=16,
+every encoder linear, 2-label SEQ_CLS head) and one input of exactly 32 or 128 tokens, for --duration s per
+level, app and input length. The load generator's own CPU time is reported (it shares the cores).
+Batch size and adapters per batch: polyhead's /metrics histograms (as a scrape sees them), the stub's and
+the multiplexed replica's own counters.
+Overload: per input length, saturation is the first level after which goodput (200/s) grows < 5 %; the
+py client (every answer's latency, by status) runs at that level and at --overload-factor (4) times it.
+The tables compare against the serving issue's targets (columns "bound" and "met"). Timings are reported,
+never asserted.
 
-    .venv/bin/python benchmarks/serve_load.py [--duration 10] [--levels 1,8,32,128] [--tokens 32] [--with-512]
+    .venv/bin/python benchmarks/serve_load.py [--duration 10] [--levels 1,8,32,128,512] [--tokens 32,128]
+    .venv/bin/python benchmarks/serve_load.py --duration 2 --levels 1,8 --out /tmp/sl   # smoke run
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
 import platform
 import random
 import re
-import resource
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+from load_clients import run_py, run_wrk  # noqa: E402
+from multiplexed_peft import multiplexed_app  # noqa: E402
+
+RESULTS_DIR = HERE / "results"
 N_ADAPTERS = 64
 TARGETS = ("query", "key", "value", "dense")  # every encoder linear (make_lora skips the pooler)
+APPS = ("floor", "polyhead", "multiplexed")
+PREFIX = {"polyhead": "", "floor": "/floor", "multiplexed": "/mux"}
+GROWTH = 1.05  # saturation: the next level's goodput grows less than this
 WORDS = ("the quick brown fox jumps over lazy dog river mountain city house green blue red small large "
          "happy sad fast slow light dark water fire earth wind music book table chair window door road "
          "tree flower garden morning evening night summer winter people friend family school work time").split()
@@ -65,9 +77,8 @@ def make_texts(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
     return out
 
 
-# the stub model behind the floor app ----------------------------------------------------------
-
 def floor_app(config: dict):
+    """The polyhead Ingress on a stub ModelServer that answers every row of a batch at once."""
     from ray import serve
 
     from serving.app.http import Ingress
@@ -80,14 +91,14 @@ def floor_app(config: dict):
         def __init__(self, max_batch_size: int, wait_s: float):
             self._batch.set_max_batch_size(max_batch_size)
             self._batch.set_batch_wait_timeout_s(wait_s)
-            self.n = 0
+            self.n = {"batches": 0, "rows": 0, "adapters": 0}
 
         def info(self) -> dict:
             return {"model_name": "stub", "max_tokens": 512, "hidden_size": hidden, "vocab_size": 30522,
-                    "causal": False}
+                    "causal": False, "draining": False}
 
-        async def stats(self) -> dict:
-            return {}
+        def counts(self) -> dict:
+            return dict(self.n)
 
         async def list_adapters(self) -> list:
             return []
@@ -99,12 +110,15 @@ def floor_app(config: dict):
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
         async def _batch(self, rows: list[dict]) -> list[dict]:
-            self.n += 1
-            info = {"batch_size": len(rows), "batch_adapters": len({r.get("adapter") for r in rows} - {None}),
-                    "batch_id": self.n, "compute_s": 0.0}
+            adapters = len({r.get("adapter") for r in rows} - {None})
+            self.n["batches"] += 1
+            self.n["rows"] += len(rows)
+            self.n["adapters"] += adapters
+            info = {"batch_size": len(rows), "batch_adapters": adapters, "batch_id": self.n["batches"],
+                    "compute_s": 0.0}
             out = []
-            for i, r in enumerate(rows):
-                item = dict(info, batch_first=i == 0, task="seq_cls", labels=["LABEL_0", "LABEL_1"])
+            for r in rows:
+                item = dict(info, task="seq_cls", labels=["LABEL_0", "LABEL_1"])
                 if r.get("need") == "embedding":
                     item["embedding"] = [0.0] * hidden
                 else:
@@ -117,184 +131,71 @@ def floor_app(config: dict):
                            max_ongoing_requests=1000).bind(model, config)
 
 
-# /metrics -------------------------------------------------------------------------------------
+# batch statistics per app --------------------------------------------------------------------
 
 def scrape(url: str) -> dict:
+    """polyhead's batch histograms' _sum and _count from its /metrics."""
     import httpx
 
-    text = httpx.get(url + "/metrics", timeout=30).text
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         m = re.match(r"^(polyhead_(?:batch_size|batch_adapters|batch_compute_seconds)_(?:sum|count))\s+(\S+)", line)
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
 
 
-def batch_stats(before: dict, after: dict) -> dict:
-    def mean(name):
-        n = after.get(f"{name}_count", 0) - before.get(f"{name}_count", 0)
-        s = after.get(f"{name}_sum", 0) - before.get(f"{name}_sum", 0)
-        return (s / n if n else None), n
+def app_counts(app: str, url: str) -> dict:
+    from ray import serve
 
-    size, batches = mean("polyhead_batch_size")
-    adapters, _ = mean("polyhead_batch_adapters")
-    compute, _ = mean("polyhead_batch_compute_seconds")
-    return {"batches": int(batches), "mean_batch_size": size, "mean_batch_adapters": adapters,
-            "mean_batch_compute_ms": compute * 1000 if compute is not None else None}
+    if app == "polyhead":
+        return scrape(url)
+    deployment = "StubModel" if app == "floor" else "MultiplexedPeft"
+    return serve.get_deployment_handle(deployment, app_name=app).counts.remote().result()
 
 
-# load generators ------------------------------------------------------------------------------
-
-WRK_LUA = r"""
-local texts = {%(texts)s}
-local adapters = {%(adapters)s}
-local prefix = "%(prefix)s"
-local threads = {}
-local counter = 0
-function setup(thread)
-  counter = counter + 1
-  thread:set("tid", counter)
-  table.insert(threads, thread)
-end
-function init(args)
-  math.randomseed(%(seed)d + tid * 7919)
-  n200 = 0; n429 = 0; n503 = 0; nother = 0
-  wrk.headers["Content-Type"] = "application/json"
-end
-function request()
-  local text = texts[math.random(#texts)]
-  local adapter = adapters[math.random(#adapters)]
-  local body = '{"model":"' .. adapter .. '","input":"' .. text .. '"}'
-  if math.random(2) == 1 then
-    return wrk.format("POST", prefix .. "/v1/embeddings", nil, body)
-  end
-  return wrk.format("POST", prefix .. "/v1/classify", nil, body)
-end
-function response(status, headers, body)
-  if status == 200 then n200 = n200 + 1
-  elseif status == 429 then n429 = n429 + 1
-  elseif status == 503 then n503 = n503 + 1
-  else nother = nother + 1 end
-end
-function done(summary, latency, requests)
-  local c = {n200 = 0, n429 = 0, n503 = 0, nother = 0}
-  for _, t in ipairs(threads) do
-    for k, _ in pairs(c) do c[k] = c[k] + t:get(k) end
-  end
-  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p95_us": %%d, ' ..
-    '"p99_us": %%d, "mean_us": %%f, "max_us": %%d, "n200": %%d, "n429": %%d, "n503": %%d, "nother": %%d, ' ..
-    '"err_connect": %%d, "err_read": %%d, "err_write": %%d, "err_timeout": %%d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    latency.mean, latency.max, c.n200, c.n429, c.n503, c.nother, summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.timeout))
-end
-"""
+def batch_stats(app: str, before: dict, after: dict, seconds: float) -> dict:
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    if app == "polyhead":
+        n = d.get("polyhead_batch_size_count", 0)
+        compute = d.get("polyhead_batch_compute_seconds_sum", 0)
+        return {"batches": int(n), "mean_batch_size": d.get("polyhead_batch_size_sum", 0) / n if n else None,
+                "mean_batch_adapters": d.get("polyhead_batch_adapters_sum", 0) / n if n else None,
+                "mean_batch_compute_ms": 1000 * compute / n if n else None}
+    if app == "floor":
+        n = d["batches"]
+        return {"batches": n, "mean_batch_size": d["rows"] / n if n else None,
+                "mean_batch_adapters": d["adapters"] / n if n else None}
+    n = d["forwards"]  # multiplexed: one adapter per forward by construction
+    return {"batches": n, "mean_batch_size": d["rows"] / n if n else None, "mean_batch_adapters": 1.0 if n else None,
+            "model_loads": d["loads"], "model_loads_per_s": d["loads"] / seconds if seconds else None,
+            "mean_model_load_ms": 1000 * d["load_s"] / d["loads"] if d["loads"] else None}
 
 
-def run_wrk(base: str, prefix: str, texts, adapters, conc: int, duration: float, seed: int, tmp: Path) -> dict:
-    script = tmp / f"load_{seed}.lua"
-    script.write_text(WRK_LUA % {"texts": ", ".join(json.dumps(t) for t in texts),
-                                 "adapters": ", ".join(json.dumps(a) for a in adapters),
-                                 "prefix": prefix, "seed": seed})
-    threads = min(2, conc)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(["wrk", "-t", str(threads), "-c", str(conc), "-d", f"{max(1, round(duration))}s", "--timeout", "30s",
-                           "-s", str(script), base], capture_output=True, text=True, timeout=duration + 120)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk gave no result: rc={proc.returncode} {proc.stdout[-500:]} {proc.stderr[-500:]}")
-    r = json.loads(line[len("WRKJSON "):])
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    total = r["requests"]
-    secs = r["duration_us"] / 1e6
-    return {"client": "wrk", "requests": total, "seconds": secs, "req_per_s": total / secs if secs else 0,
-            "ok_per_s": r["n200"] / secs if secs else 0,
-            "p50_ms": r["p50_us"] / 1000, "p95_ms": r["p95_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
-            "max_ms": r["max_us"] / 1000, "n200": r["n200"], "n429": r["n429"], "n503": r["n503"],
-            "nother": r["nother"], "socket_errors": r["err_connect"] + r["err_read"] + r["err_write"],
-            "timeouts": r["err_timeout"],
-            "shed_share": (r["n429"] + r["n503"]) / total if total else 0.0,
-            "client_cpu_s": cpu, "client_cpu_share_of_one_core": cpu / wall}
+def wait_idle(app: str, push_s: float) -> None:
+    """Let requests the client dropped drain, and the app's metrics reach its /metrics."""
+    if app == "multiplexed":
+        from ray import serve
 
-
-def httpx_worker(args_json: str) -> None:
-    """Child process: closed-loop asyncio httpx client; prints one JSON line with latencies and its own CPU."""
-    import httpx
-
-    a = json.loads(args_json)
-    rng = random.Random(a["seed"])
-    lat, codes = [], {}
-
-    async def one(client, deadline):
-        while time.perf_counter() < deadline:
-            route = "/v1/embeddings" if rng.random() < 0.5 else "/v1/classify"
-            body = {"model": rng.choice(a["adapters"]), "input": rng.choice(a["texts"])}
-            t = time.perf_counter()
-            try:
-                resp = await client.post(a["prefix"] + route, json=body)
-                code = resp.status_code
-            except httpx.HTTPError:
-                code = -1
-            lat.append(time.perf_counter() - t)
-            codes[code] = codes.get(code, 0) + 1
-
-    async def main():
-        limits = httpx.Limits(max_connections=a["conc"], max_keepalive_connections=a["conc"])
-        async with httpx.AsyncClient(base_url=a["base"], timeout=30, limits=limits) as client:
-            start = time.perf_counter()
-            deadline = start + a["duration"]
-            await asyncio.gather(*[one(client, deadline) for _ in range(a["conc"])])
-            return time.perf_counter() - start
-
-    secs = asyncio.run(main())
-    t = os.times()
-    print("HTTPXJSON " + json.dumps({"lat": lat, "codes": codes, "seconds": secs, "cpu_s": t.user + t.system}))
-
-
-def run_httpx(base, prefix, texts, adapters, conc, duration, seed, tmp) -> dict:
-    import numpy as np
-
-    arg = json.dumps({"base": base, "prefix": prefix, "texts": texts, "adapters": adapters, "conc": conc,
-                      "duration": duration, "seed": seed})
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--httpx-worker", arg], capture_output=True, text=True,
-                          timeout=duration + 180)
-    wall = time.perf_counter() - start
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("HTTPXJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"httpx worker gave no result: {proc.stderr[-800:]}")
-    r = json.loads(line[len("HTTPXJSON "):])
-    lat = np.asarray(r["lat"]) * 1000
-    codes = {int(k): v for k, v in r["codes"].items()}
-    total = len(lat)
-    shed = codes.get(429, 0) + codes.get(503, 0)
-    return {"client": "httpx", "requests": total, "seconds": r["seconds"], "req_per_s": total / r["seconds"],
-            "ok_per_s": codes.get(200, 0) / r["seconds"],
-            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
-            "n200": codes.get(200, 0), "n429": codes.get(429, 0), "n503": codes.get(503, 0),
-            "nother": total - codes.get(200, 0) - shed - codes.get(-1, 0), "socket_errors": codes.get(-1, 0),
-            "timeouts": 0, "shed_share": shed / total if total else 0.0,
-            "client_cpu_s": r["cpu_s"], "client_cpu_share_of_one_core": r["cpu_s"] / wall}
+        handle = serve.get_deployment_handle("MultiplexedPeft", app_name=app)
+        deadline = time.monotonic() + 60
+        while handle.counts.remote().result()["ongoing"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+    time.sleep(max(1.0, push_s + 0.3))
 
 
 # in-process engine ----------------------------------------------------------------------------
 
 def engine_rows(engine, texts, adapters, batch: int, seconds: float, seed: int) -> dict:
-    from serving.engine import Request
+    from serving import Request
 
     rng = random.Random(seed)
 
     def make():
         return [Request(adapter=rng.choice(adapters), text=rng.choice(texts)) for _ in range(batch)]
 
-    engine.infer(make())  # warm
+    for _ in range(3):  # warm
+        engine.infer(make())
     times = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 3:
@@ -310,97 +211,220 @@ def engine_rows(engine, texts, adapters, batch: int, seconds: float, seed: int) 
     return {"batch": batch, "calls": len(times), "median_call_ms": med * 1000, "rows_per_s": batch / med}
 
 
-# main -----------------------------------------------------------------------------------------
+# saturation, targets --------------------------------------------------------------------------
+
+def good(r) -> bool:
+    return isinstance(r, dict) and "error" not in r
+
+
+def saturation(levels: list[dict], app: str) -> dict | None:
+    pts = sorted((lv["concurrency"], lv[app]) for lv in levels if good(lv.get(app)))
+    if not pts:
+        return None
+    sat = pts[-1]
+    for here, nxt in zip(pts, pts[1:]):
+        if nxt[1]["ok_per_s"] < GROWTH * here[1]["ok_per_s"]:
+            sat = here
+            break
+    return {"concurrency": sat[0], "ok_per_s": sat[1]["ok_per_s"], "p99_ms": sat[1]["p99_ms"],
+            "peak_ok_per_s": max(r["ok_per_s"] for _, r in pts)}
+
+
+def overload_summary(sat: dict, ref: dict, over: dict) -> dict:
+    peak = max(sat["peak_ok_per_s"], ref["ok_per_s"])
+    return {"saturation": sat, "at_saturation": ref, "overload": over, "peak_ok_per_s": peak,
+            "goodput_over_peak": over["ok_per_s"] / peak if peak else None,
+            "accepted_p99_over_saturation_p99": (over["ok_p99_ms"] / ref["ok_p99_ms"]
+                                                 if over["ok_p99_ms"] and ref["ok_p99_ms"] else None)}
+
+
+def evaluate_targets(runs: list[dict], factor: int) -> list[dict]:
+    out = []
+
+    def add(tokens, target, value, unit, bound, met):
+        out.append({"tokens": tokens, "target": target, "measured": value, "unit": unit, "bound": bound,
+                    "met": met})
+
+    for run in runs:
+        tok, lv = run["tokens"], {x["concurrency"]: x for x in run["levels"]}
+        one, eng = lv.get(1, {}), run.get("engine", {})
+        if good(one.get("polyhead")) and good(one.get("floor")) and good(eng.get("1")):
+            bound = one["floor"]["p50_ms"] + eng["1"]["median_call_ms"] + 3
+            add(tok, "p50 at concurrency 1 <= floor p50 + engine (1 row) + 3 ms", one["polyhead"]["p50_ms"], "ms",
+                bound, one["polyhead"]["p50_ms"] <= bound)
+        sat = run["saturation"].get("polyhead")
+        if sat and good(lv[sat["concurrency"]]["polyhead"]):
+            mb = lv[sat["concurrency"]]["polyhead"].get("mean_batch_size")
+            e = eng.get(str(max(1, round(mb)))) if mb else None
+            if good(e):
+                ratio = sat["ok_per_s"] / e["rows_per_s"]
+                add(tok, f"req/s at saturation >= 0.7x Engine.infer at batch {e['batch']} (128-token target)",
+                    ratio, "x", 0.7, (ratio >= 0.7) if tok == 128 else None)
+        mux = run["saturation"].get("multiplexed")
+        if sat and mux and mux["peak_ok_per_s"]:
+            ratio = sat["peak_ok_per_s"] / mux["peak_ok_per_s"]
+            add(tok, "peak req/s >= 5x @serve.multiplexed PEFT", ratio, "x", 5.0, ratio >= 5)
+        ov = run["overload"].get("polyhead")
+        if good(ov):
+            o = ov["overload"]
+            add(tok, f"goodput at {factor}x saturation >= 0.9x peak", ov["goodput_over_peak"], "x", 0.9,
+                ov["goodput_over_peak"] >= 0.9)
+            shed = o["shed_p99_ms"]
+            add(tok, "shed (429/503) p99 < 50 ms", shed, "ms", 50.0, None if shed is None else shed < 50)
+            r = ov["accepted_p99_over_saturation_p99"]
+            add(tok, "accepted p99 <= 2x p99 at saturation", r, "x", 2.0, None if r is None else r <= 2)
+    return out
+
+
+# report ---------------------------------------------------------------------------------------
 
 def fmt(v, nd=1):
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
-def table(levels: list[dict]) -> str:
-    head = ("| conc | app | req/s | p50 ms | p95 ms | p99 ms | shed % | other err | mean batch | adapters/batch "
-            "| batch compute ms | client CPU % | engine rows/s @batch |")
+def level_table(run: dict) -> str:
+    head = ("| conc | app | req/s | ok/s | p50 ms | p95 ms | p99 ms | 429 % | 503 % | other err | mean batch "
+            "| adapters/batch | batch compute ms | model loads/s | client CPU % | engine rows/s @batch |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for lv in levels:
-        for app in ("floor", "polyhead"):
+    for lv in run["levels"]:
+        for app in APPS:
             r = lv.get(app)
             if r is None:
                 continue
-            if "error" in r:
+            if not good(r):
                 msg = " ".join(r["error"].split())[:80].replace("|", "/")
-                lines.append(f"| {lv['concurrency']} | {app} | error: {msg} |" + " |" * 10)
+                lines.append(f"| {lv['concurrency']} | {app} | error: {msg} |" + " |" * 13)
                 continue
-            eng = lv.get("engine") if app == "polyhead" else None
-            eng_s = "-" if not eng else (f"{eng['rows_per_s']:.0f} @{eng['batch']}" if "rows_per_s" in eng
-                                         else "error")
+            eng = run.get("engine", {}).get(str(max(1, round(r["mean_batch_size"])))) \
+                if app == "polyhead" and r.get("mean_batch_size") else None
+            eng_s = f"{eng['rows_per_s']:.0f} @{eng['batch']}" if good(eng) else "-"
             lines.append(
-                f"| {lv['concurrency']} | {app} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-                f"{r['p99_ms']:.1f} | {100 * r['shed_share']:.1f} | {r['nother'] + r['socket_errors'] + r['timeouts']} | "
-                f"{fmt(r.get('mean_batch_size'))} | {fmt(r.get('mean_batch_adapters'))} | "
-                f"{fmt(r.get('mean_batch_compute_ms'))} | {100 * r['client_cpu_share_of_one_core']:.0f} | {eng_s} |")
+                f"| {lv['concurrency']} | {app} | {r['req_per_s']:.1f} | {r['ok_per_s']:.1f} | {fmt(r['p50_ms'])} | "
+                f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {100 * r['share_429']:.1f} | {100 * r['share_503']:.1f} | "
+                f"{r['nother'] + r['socket_errors'] + r['timeouts']} | {fmt(r.get('mean_batch_size'))} | "
+                f"{fmt(r.get('mean_batch_adapters'))} | {fmt(r.get('mean_batch_compute_ms'))} | "
+                f"{fmt(r.get('model_loads_per_s'))} | {100 * r['client_cpu_share_of_one_core']:.0f} | {eng_s} |")
     return "\n".join(lines)
 
 
-def plot(levels, path: Path) -> None:
+def overload_table(runs: list[dict], factor: int) -> str:
+    head = (f"| tokens | app | sat. conc | {factor}x conc | peak ok/s | goodput ok/s | goodput/peak | 429 % | 503 % "
+            "| shed p50 ms | shed p99 ms | accepted p99 ms | p99 at sat. ms | ratio | client CPU % |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for run in runs:
+        for app, ov in run["overload"].items():
+            if not good(ov):
+                lines.append(f"| {run['tokens']} | {app} | error: {ov.get('error', '-')[:80]} |" + " |" * 12)
+                continue
+            o, ref = ov["overload"], ov["at_saturation"]
+            lines.append(
+                f"| {run['tokens']} | {app} | {ref['concurrency']} | {o['concurrency']} | {ov['peak_ok_per_s']:.1f} | "
+                f"{o['ok_per_s']:.1f} | {fmt(ov['goodput_over_peak'], 2)} | {100 * o['share_429']:.1f} | "
+                f"{100 * o['share_503']:.1f} | {fmt(o['shed_p50_ms'])} | {fmt(o['shed_p99_ms'])} | "
+                f"{fmt(o['ok_p99_ms'])} | {fmt(ref['ok_p99_ms'])} | {fmt(ov['accepted_p99_over_saturation_p99'], 2)} | "
+                f"{100 * o['client_cpu_share_of_one_core']:.0f} |")
+    return "\n".join(lines)
+
+
+def targets_table(targets: list[dict]) -> str:
+    lines = ["| tokens | target | measured | bound | met |", "|---|---|---|---|---|"]
+    for t in targets:
+        nd = 2 if t["unit"] == "x" else 1
+        met = {True: "yes", False: "NO", None: "-"}[t["met"]]
+        lines.append(f"| {t['tokens']} | {t['target']} | {fmt(t['measured'], nd)} {t['unit']} | "
+                     f"{fmt(t['bound'], nd)} {t['unit']} | {met} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for app, color in (("floor", "tab:gray"), ("polyhead", "tab:blue")):
-        pts = [(lv[app]["req_per_s"], lv[app]["p50_ms"], lv[app]["p99_ms"], lv["concurrency"])
-               for lv in levels if app in lv and "error" not in lv[app]]
-        if not pts:
-            continue
-        x, p50, p99, c = zip(*pts)
-        ax.plot(x, p50, "o-", color=color, label=f"{app} p50")
-        ax.plot(x, p99, "s--", color=color, label=f"{app} p99")
-        for xi, yi, ci in zip(x, p99, c):
-            ax.annotate(f"c={ci}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("throughput (req/s)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("serve_load: closed-loop latency vs throughput (127.0.0.1, 2 cores)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.8), squeeze=False)
+    colors = {"floor": "tab:gray", "polyhead": "tab:blue", "multiplexed": "tab:red"}
+    for ax, run in zip(axes[0], runs):
+        for app, color in colors.items():
+            pts = [(lv[app]["ok_per_s"], lv[app]["p50_ms"], lv[app]["p99_ms"], lv["concurrency"])
+                   for lv in run["levels"] if good(lv.get(app)) and lv[app]["ok_per_s"] and lv[app]["p99_ms"]]
+            if not pts:
+                continue
+            x, p50, p99, c = zip(*pts)
+            ax.plot(x, p50, "o-", color=color, label=f"{app} p50")
+            ax.plot(x, p99, "s--", color=color, label=f"{app} p99")
+            for xi, yi, ci in zip(x, p99, c):
+                ax.annotate(f"c={ci}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for app, ov in run["overload"].items():
+            if good(ov) and ov["overload"]["ok_p99_ms"] is not None:
+                o = ov["overload"]
+                ax.plot([o["ok_per_s"]], [o["ok_p99_ms"]], "*", ms=12, color=colors.get(app, "k"),
+                        label=f"{app} accepted p99 at c={o['concurrency']} (overload)")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("goodput (200 answers/s)")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{run['tokens']}-token inputs, 64 LoRA adapters")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("serve_load: closed-loop latency vs throughput (127.0.0.1)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def write_report(report: dict, out: Path, client: str) -> None:
+    s = report["settings"]
+    parts = [f"# serve_load ({report['date']})\n",
+             f"Closed loop on 127.0.0.1, {s['duration_s']} s per level, app and input length, client `{client}` "
+             f"(overload: `py`); {s['adapters']} random LoRA r=16 adapters (all encoder linears, 2-label head), "
+             f"{s['routes']}; {report['machine']['cpus']} CPUs shared by server and client. floor = same Ingress, "
+             "stub model; multiplexed = @serve.multiplexed(max_num_models_per_replica=8), one PEFT model per "
+             "adapter; engine = Engine.infer in-process at polyhead's mean batch size. "
+             f"App config: `{json.dumps(s['app_config'])}`.\n"]
+    for run in report["runs"]:
+        parts.append(f"## {run['tokens']}-token inputs\n\n{level_table(run)}\n")
+    parts.append(f"## Overload ({s['overload_factor']}x the saturating concurrency, py client)\n\n"
+                 f"{overload_table(report['runs'], s['overload_factor'])}\n")
+    parts.append(f"## Targets (serving issue)\n\n{targets_table(report['targets'])}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "serve_load.md").write_text("\n".join(parts))
+    try:
+        plot(report["runs"], out / "serve_load.png")
+    except Exception as exc:  # noqa: BLE001 - the tables matter more
+        print(f"no plot: {exc}")
+
+
+# main -----------------------------------------------------------------------------------------
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per level and app (default 10)")
-    ap.add_argument("--levels", default="1,8,32,128", help="concurrency levels (default 1,8,32,128)")
-    ap.add_argument("--with-512", action="store_true", help="add concurrency 512")
-    ap.add_argument("--tokens", type=int, default=32, help="tokens per input, specials included (32 or 128)")
-    ap.add_argument("--client", choices=["auto", "wrk", "httpx"], default="auto")
-    ap.add_argument("--apps", default="floor,polyhead", help="which apps to load (default floor,polyhead)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per level, app and input length")
+    ap.add_argument("--levels", default="1,8,32,128,512", help="concurrency levels (default 1,8,32,128,512)")
+    ap.add_argument("--tokens", default="32,128", help="input lengths in tokens, specials included (default 32,128)")
+    ap.add_argument("--client", choices=["auto", "wrk", "py"], default="auto", help="level sweep's load generator")
+    ap.add_argument("--apps", default=",".join(APPS), help=f"apps to load (default {','.join(APPS)})")
+    ap.add_argument("--overload-apps", default="polyhead", help="apps given the overload run ('' for none)")
+    ap.add_argument("--overload-factor", type=int, default=4)
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process Engine.infer rows")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.01)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in the model replica")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--httpx-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--max-models", type=int, default=8, help="multiplexed: max_num_models_per_replica")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per model replica")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (smoke runs: a temp dir)")
     args = ap.parse_args(argv)
-    if args.httpx_worker:
-        httpx_worker(args.httpx_worker)
-        return
-    levels = [int(x) for x in args.levels.split(",") if x]
-    if args.with_512 and 512 not in levels:
-        levels.append(512)
-    apps = [a for a in args.apps.split(",") if a]
-    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
-    load = run_wrk if client == "wrk" else run_httpx
+    levels = sorted({int(x) for x in args.levels.split(",") if x})
+    token_lengths = [int(x) for x in args.tokens.split(",") if x]
+    apps = [a for a in APPS if a in args.apps.split(",")]
+    overload_apps = [a for a in args.overload_apps.split(",") if a in apps]
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "py")
+    load = run_wrk if client == "wrk" else run_py
 
-    import httpx
-    import ray
     import torch
-    from ray import serve
     from transformers import AutoTokenizer
 
-    from adapters_store import BaseSchema  # noqa: F401 (make_lora's import, fail early)
     from serving import Engine
-    from serving.app import build_app, load_config
+    from serving.app import build_app, load_config, start_local_ray
     from tests.adapter_factory import make_lora
 
     t0 = time.perf_counter()
@@ -408,116 +432,158 @@ def main(argv=None) -> None:
     try:
         base = str(load_config(None).resolved_base_dir())
         tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
-        texts = make_texts(tok, 256, args.tokens, seed=0)
+        texts = {n: make_texts(tok, 256, n, seed=n) for n in token_lengths}
         torch.set_num_threads(os.cpu_count() or 1)
         engine = Engine.from_pretrained(base, max_slots=N_ADAPTERS, max_rank=16)
         names = [f"lora-{i:02d}" for i in range(N_ADAPTERS)]
-        dirs = {}
-        for i, name in enumerate(names):
-            dirs[name] = str(make_lora(tmp / "adapters" / name, engine.schema, seed=100 + i, r=16, alpha=32,
-                                       targets=TARGETS, head="SEQ_CLS", num_labels=2))
+        dirs = {name: str(make_lora(tmp / "adapters" / name, engine.schema, seed=100 + i, r=16, alpha=32,
+                                    targets=TARGETS, head="SEQ_CLS", num_labels=2))
+                for i, name in enumerate(names)}
         print(f"made {N_ADAPTERS} adapters in {time.perf_counter() - t0:.1f} s; client: {client}", flush=True)
 
         cfg = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                "max_ongoing_requests": max(64, args.max_batch_size), "max_queued_requests": 256,
-               "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16,
-               "adapters": dirs}
+               "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16, "adapters": dirs}
+        full = load_config(None, **cfg)
+        push_s = getattr(full, "metrics_push_s", 0.0)
+        start_local_ray(2 * args.threads + 2, log_to_driver=False)
+        import ray
+        from ray import serve
+
         port = free_port()
-        ray.init(num_cpus=max(4, (os.cpu_count() or 1) + 1), _node_ip_address="127.0.0.1",
-                 include_dashboard=False, log_to_driver=False)
         url = f"http://127.0.0.1:{port}"
         report = {"benchmark": "serve_load", "date": dt.datetime.now().isoformat(timespec="seconds"),
-                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                              "torch": torch.__version__, "ray": ray.__version__},
-                  "settings": {"duration_s": args.duration, "levels": levels, "tokens": args.tokens,
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                              "python": platform.python_version(), "torch": torch.__version__,
+                              "ray": ray.__version__},
+                  "settings": {"duration_s": args.duration, "levels": levels, "tokens": token_lengths,
                                "adapters": N_ADAPTERS, "rank": 16, "targets": list(TARGETS), "client": client,
+                               "overload_client": "py", "overload_factor": args.overload_factor,
+                               "saturation_growth": GROWTH, "max_models_per_replica": args.max_models,
                                "routes": "half /v1/embeddings, half /v1/classify",
                                "app_config": {k: v for k, v in cfg.items() if k != "adapters"}},
-                  "levels": []}
+                  "app_errors": {}, "runs": []}
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            full = load_config(None, **cfg).model_dump()
-            prefixes = {}
-            if "polyhead" in apps:
-                serve.run(build_app(cfg), name="polyhead", route_prefix="/")
-                prefixes["polyhead"] = ""
-            if "floor" in apps:
-                serve.run(floor_app(full), name="floor", route_prefix="/floor")
-                prefixes["floor"] = "/floor"
-            with httpx.Client(base_url=url, timeout=120) as c:
-                for app, prefix in prefixes.items():
-                    deadline = time.monotonic() + 120
-                    while c.get(prefix + "/ready").status_code != 200:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"{app} not ready")
-                        time.sleep(0.5)
-                # warm: load every adapter once on both routes (on-demand loads stay out of the levels)
-                for prefix in prefixes.values():
-                    for name in names:
-                        for route in ("/v1/embeddings", "/v1/classify"):
-                            r = c.post(prefix + route, json={"model": name, "input": texts[0]})
-                            if r.status_code != 200:
-                                raise RuntimeError(f"warm-up {prefix}{route} {name}: {r.status_code} {r.text[:300]}")
-            print(f"apps ready and warm after {time.perf_counter() - t0:.1f} s", flush=True)
-
-            for conc in levels:
-                lv = {"concurrency": conc}
-                for app, prefix in prefixes.items():
-                    before = scrape(url + prefix)
-                    try:
-                        res = load(url, prefix, texts, names, conc, args.duration, seed=conc, tmp=tmp)
-                    except Exception as exc:  # noqa: BLE001 - keep the other levels
-                        lv[app] = {"error": f"{type(exc).__name__}: {exc}"}
-                        print(f"  c={conc} {app}: {lv[app]['error']}", flush=True)
-                        continue
-                    time.sleep(0.5)
-                    res.update(batch_stats(before, scrape(url + prefix)))
-                    lv[app] = res
-                    print(f"  c={conc:4d} {app:8s} {res['req_per_s']:7.1f} req/s  p50 {res['p50_ms']:7.1f}  "
-                          f"p99 {res['p99_ms']:7.1f} ms  shed {100 * res['shed_share']:.1f}%  batch "
-                          f"{fmt(res['mean_batch_size'])}  adapters/batch {fmt(res['mean_batch_adapters'])}  "
-                          f"client CPU {100 * res['client_cpu_share_of_one_core']:.0f}%", flush=True)
-                report["levels"].append(lv)
+            builders = {
+                "polyhead": lambda: build_app(cfg),
+                "floor": lambda: floor_app(full.model_dump()),
+                "multiplexed": lambda: multiplexed_app(
+                    base, dirs, max_models=args.max_models, max_batch_size=args.max_batch_size,
+                    batch_wait_timeout_s=args.batch_wait_s, num_threads=args.threads, num_cpus=args.threads,
+                    max_ongoing_requests=cfg["max_ongoing_requests"],
+                    max_queued_requests=cfg["max_queued_requests"]),
+            }
+            for app in list(apps):
+                try:
+                    serve.run(builders[app](), name=app, route_prefix=PREFIX[app] or "/")
+                    warm(url, app, names if app == "polyhead" else names[:4], texts[token_lengths[0]])
+                except Exception as exc:  # noqa: BLE001 - measure the other apps
+                    report["app_errors"][app] = f"{type(exc).__name__}: {exc}"[:2000]
+                    print(f"  {app}: not served: {report['app_errors'][app][:300]}", flush=True)
+                    apps.remove(app)
+            print(f"apps {apps} ready and warm after {time.perf_counter() - t0:.1f} s", flush=True)
+            for n in token_lengths:
+                report["runs"].append(sweep(url, apps, overload_apps, levels, texts[n], names, n, args, load,
+                                            push_s, tmp))
         finally:
             serve.shutdown()
             ray.shutdown()
 
         if not args.no_engine:
-            for i, name in enumerate(names):
+            time.sleep(3)  # Ray's processes exit
+            for name in names:
                 engine.load_adapter(name, dirs[name])
-            for lv in report["levels"]:
-                mb = (lv.get("polyhead") or {}).get("mean_batch_size")
-                if not mb:
-                    continue
-                batch = max(1, round(mb))
-                try:
-                    lv["engine"] = engine_rows(engine, texts, names, batch, min(3.0, args.duration), seed=batch)
-                except Exception as exc:  # noqa: BLE001
-                    lv["engine"] = {"batch": batch, "error": f"{type(exc).__name__}: {exc}"}
-                print(f"  engine @batch {batch}: {lv['engine']}", flush=True)
+            for run in report["runs"]:
+                sizes = {1} | {max(1, round(lv["polyhead"]["mean_batch_size"])) for lv in run["levels"]
+                               if good(lv.get("polyhead")) and lv["polyhead"].get("mean_batch_size")}
+                run["engine"] = {}
+                for b in sorted(sizes):
+                    try:
+                        e = engine_rows(engine, texts[run["tokens"]], names, b, min(3.0, args.duration), seed=b)
+                    except Exception as exc:  # noqa: BLE001
+                        e = {"batch": b, "error": f"{type(exc).__name__}: {exc}"}
+                    run["engine"][str(b)] = e
+                    print(f"  engine {run['tokens']} tokens @batch {b}: {e}", flush=True)
 
+        report["targets"] = evaluate_targets(report["runs"], args.overload_factor)
         report["total_seconds"] = time.perf_counter() - t0
-        tab = table(report["levels"])
-        print()
-        print(tab)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
-        s = report["settings"]
-        (args.out / "serve_load.md").write_text(
-            f"# serve_load ({report['date']})\n\n"
-            f"Closed loop on 127.0.0.1, {s['duration_s']} s per level and app, client `{client}`; "
-            f"{s['adapters']} random LoRA r=16 adapters (all encoder linears, 2-label head), inputs of "
-            f"{s['tokens']} tokens, {s['routes']}; {report['machine']['cpus']} CPUs shared by server and client.\n"
-            f"floor = same Ingress, stub model that returns at once; engine = Engine.infer in-process at the "
-            f"server's mean batch size (rows/s). App config: `{json.dumps(s['app_config'])}`.\n\n"
-            + tab + "\n")
-        try:
-            plot(report["levels"], args.out / "serve_load.png")
-        except Exception as exc:  # noqa: BLE001
-            print(f"no plot: {exc}")
+        for run in report["runs"]:
+            print(f"\n{run['tokens']}-token inputs\n{level_table(run)}")
+        print(f"\noverload\n{overload_table(report['runs'], args.overload_factor)}")
+        print(f"\ntargets\n{targets_table(report['targets'])}")
+        write_report(report, args.out, client)
         print(f"\nwrote {args.out}/serve_load.json, .md, .png in {report['total_seconds']:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def warm(url: str, app: str, names: list[str], texts: list[str]) -> None:
+    """Wait for /ready, then one request per adapter, both routes in turn (on-demand loads stay out of levels)."""
+    import httpx
+
+    prefix = PREFIX[app]
+    with httpx.Client(base_url=url, timeout=120) as c:
+        deadline = time.monotonic() + 180
+        while app != "multiplexed" and c.get(prefix + "/ready").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{app} not ready")
+            time.sleep(0.5)
+        for i, name in enumerate(names):
+            route = ("/v1/embeddings", "/v1/classify")[i % 2]
+            r = c.post(prefix + route, json={"model": name, "input": texts[i % len(texts)]},
+                       headers={"serve_multiplexed_model_id": name} if app == "multiplexed" else None)
+            if r.status_code != 200:
+                raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
+
+
+def sweep(url, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp) -> dict:
+    """Every level for every app at one input length, then the overload runs."""
+    run = {"tokens": tokens, "levels": [], "saturation": {}, "overload": {}}
+    for app in apps:
+        warm(url, app, names[:4], texts)
+    time.sleep(push_s + 0.3)  # the warm-up's metrics reach /metrics before the first level's reading
+    for conc in levels:
+        lv = {"concurrency": conc}
+        for app in apps:
+            lv[app] = measure(url, app, conc, texts, names, tokens, args.duration, load, push_s, tmp)
+        run["levels"].append(lv)
+    for app in apps:
+        run["saturation"][app] = saturation(run["levels"], app)
+    for app in overload_apps:
+        sat = run["saturation"].get(app)
+        if sat is None:
+            continue
+        ref = measure(url, app, sat["concurrency"], texts, names, tokens, args.duration, run_py, push_s, tmp)
+        over = measure(url, app, args.overload_factor * sat["concurrency"], texts, names, tokens, args.duration,
+                       run_py, push_s, tmp)
+        run["overload"][app] = overload_summary(sat, ref, over) if good(ref) and good(over) else \
+            {"error": (ref.get("error") or over.get("error") or "?")}
+        if good(run["overload"][app]):
+            o = over
+            print(f"  overload {app} {tokens} tok c={o['concurrency']}: goodput {o['ok_per_s']:.1f}/s "
+                  f"({fmt(run['overload'][app]['goodput_over_peak'], 2)} of peak), 429 {100 * o['share_429']:.1f}% "
+                  f"503 {100 * o['share_503']:.1f}%, shed p99 {fmt(o['shed_p99_ms'])} ms, accepted p99 "
+                  f"{fmt(o['ok_p99_ms'])} ms (at saturation {fmt(ref['ok_p99_ms'])} ms)", flush=True)
+    return run
+
+
+def measure(url, app, conc, texts, names, tokens, duration, load, push_s, tmp) -> dict:
+    prefix = PREFIX[app]
+    try:
+        before = app_counts(app, url + prefix)
+        res = load(url, prefix, texts, names, conc, duration, seed=conc * 1000 + tokens, tmp=tmp,
+                   model_header=app == "multiplexed")
+        wait_idle(app, push_s)
+        res.update(batch_stats(app, before, app_counts(app, url + prefix), res["seconds"]))
+    except Exception as exc:  # noqa: BLE001 - keep the other levels
+        print(f"  c={conc} {app}: {type(exc).__name__}: {exc}", flush=True)
+        return {"error": re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")}
+    print(f"  {tokens:3d} tok c={conc:4d} {app:11s} {res['req_per_s']:7.1f} req/s ok {res['ok_per_s']:7.1f}  "
+          f"p50 {fmt(res['p50_ms']):>7}  p99 {fmt(res['p99_ms']):>7} ms  shed {100 * res['shed_share']:.1f}%  "
+          f"batch {fmt(res.get('mean_batch_size'))}  adapters/batch {fmt(res.get('mean_batch_adapters'))}  "
+          f"client CPU {100 * res['client_cpu_share_of_one_core']:.0f}%", flush=True)
+    return res
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
+import sys
+import time
 from pathlib import Path
 
 from .config import ConfigError, ServeConfig, load_config
 
-__all__ = ["ConfigError", "ServeConfig", "build_app", "load_config", "run"]
+__all__ = ["ConfigError", "ServeConfig", "build_app", "load_config", "run", "start_local_ray"]
+
+LOOPBACK = "127.0.0.1"
 
 
 def build_app(config: ServeConfig | dict | str | Path | None = None):
@@ -37,27 +40,101 @@ def build_app(config: ServeConfig | dict | str | Path | None = None):
                            ).bind(model, data)
 
 
-def run(config_path: str | Path | None = None, **overrides) -> None:
-    """Start Ray on 127.0.0.1 (no dashboard), serve the app on host:port, stop cleanly on SIGINT/SIGTERM."""
-    import ray
-    from ray import serve
+def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+    """Start a new single-node Ray in this process whose every server listens on 127.0.0.1 only.
 
+    An open Ray port runs arbitrary code (the dashboard/job API: CVE-2023-48022), so the embedded default
+    must expose nothing. On Linux, `ray.init(_node_ip_address="127.0.0.1")` alone does not do it: Ray
+    replaces a loopback node address with the machine's address (`services.resolve_ip_for_localhost`),
+    and then the GCS, raylet and worker gRPC servers bind every interface (they bind 127.0.0.1 only when
+    the node address *is* 127.0.0.1) and the dashboard agent and runtime-env agent bind the public
+    address. `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is Ray's own switch for a local-only node (its default
+    on macOS and Windows): `services.get_node_ip_address` then answers 127.0.0.1, in this process and in
+    every Ray process started from it. The one server no Ray setting moves, Ray Serve's per-replica
+    inter-deployment gRPC server, is moved by `loopback_setup_hook()`, run in every Ray worker as the
+    documented `worker_process_setup_hook`. `address="local"` never attaches to another cluster
+    (RAY_ADDRESS, `ray start`). tests/integration/test_ray_loopback.py checks every listening socket.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when Ray's constants are imported
+    import ray
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+        constants.ENABLE_RAY_CLUSTER = False  # ray was imported before: the value the variable now gives
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", loopback_setup_hook())
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+             runtime_env=runtime_env, **init_kwargs)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"Ray started on {node_ip}, not {LOOPBACK}: refusing to run with Ray's ports on a "
+                           "public interface (see serving.app.start_local_ray)")
+
+
+def loopback_setup_hook():
+    """A Ray worker setup hook: Serve replicas' inter-deployment gRPC server listens on 127.0.0.1, not [::].
+
+    Ray 2.60 binds it with `add_port_to_grpc_server(server, "[::]:0")` in ray/serve/_private/replica.py
+    and has no setting for its host (ray-project/ray#64544). The hook replaces only that module's
+    reference; if a later Ray moves it, nothing is patched and test_ray_loopback fails.
+    It is a closure so that Ray ships it by value: workers need not import polyhead (and torch) for it.
+    """
+
+    def serve_grpc_on_loopback() -> None:
+        try:
+            from ray.serve._private import replica
+        except ImportError:
+            return
+        original = getattr(replica, "add_port_to_grpc_server", None)
+        if original is None or getattr(original, "loopback_only", False):
+            return
+
+        def add_port_on_loopback(server, address: str):
+            host, _, port = address.rpartition(":")
+            return original(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+        add_port_on_loopback.loopback_only = True
+        replica.add_port_to_grpc_server = add_port_on_loopback
+
+    return serve_grpc_on_loopback
+
+
+def run(config_path: str | Path | None = None, **overrides) -> None:
+    """Start Ray on 127.0.0.1 only (no dashboard), serve the app on host:port, stop cleanly on SIGINT/SIGTERM.
+
+    Ctrl-C or SIGTERM at any point, start-up included, shuts Serve and Ray's own processes down and returns.
+    """
     cfg = load_config(config_path, **overrides)
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.replica_cpus() + cfg.ingress_num_cpus))
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
-    stop = threading.Event()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM as Ctrl-C: unwind through the shutdown below
     try:
+        start_local_ray(num_cpus)
+        from ray import serve
+
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_app(cfg), name="polyhead", route_prefix="/")
         print(f"polyhead: serving {cfg.resolved_model_name()} on http://{cfg.host}:{cfg.port} "
               f"(GET /ready, /v1/models, /metrics); Ctrl-C to stop", flush=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(1.0):
-            pass
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
     finally:
         print("polyhead: shutting down", flush=True)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave Ray half stopped
+                signal.signal(sig, signal.SIG_IGN)
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)

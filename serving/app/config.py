@@ -35,7 +35,11 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)
-    max_queued_requests: int = Field(256, ge=-1)  # -1: unbounded (Ray's default); overflow answers 503
+    # rows waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
+    # unbounded (Ray's default). A request with a row beyond it answers 429 with Retry-After at once.
+    max_queued_requests: int = Field(256, ge=-1)
+    retry_after_s: int = Field(1, ge=0, le=3600)  # Retry-After of 429 (queue full) and 503 (not ready, draining)
+    ready_timeout_s: float = Field(2.0, gt=0, le=60)  # /ready waits this long for a model replica to answer
     num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads in the replica
     num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of the model replica; None: num_threads
     num_gpus: float | None = Field(None, ge=0)  # Ray GPUs of the model replica; None: 1 on cuda devices, else 0
@@ -54,7 +58,11 @@ class ServeConfig(BaseModel):
     store_ttl_s: float = Field(1.0, ge=0, le=3600)  # how long a replica caches `name` -> its latest version
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_items: int = Field(256, ge=1)  # rows per request (inputs x models)
+    max_models: int = Field(16, ge=1)  # adapters named in one request ("model": [...] on /v1/classify, /v1/tag)
     max_name_chars: int = Field(128, ge=1)
+    # each replica sends its metrics to the app's MetricsHub this often (when they changed): GET /metrics
+    # is at most this far behind
+    metrics_push_s: float = Field(1.0, gt=0, le=60)
 
     @field_validator("admin_api_key")
     @classmethod

@@ -6,13 +6,18 @@ adapters into one Engine.infer (never split by adapter), run off the event loop.
 `adapters` + an AdapterStore shared by every replica that opens the same `store_root`) to one
 version; that version loads on demand on its first row, once (an asyncio lock per version),
 under its own engine key, so `name@1` and `name@2` can be resident together.
-Errors stay per row: a row result carries "error" and "code" instead of raising.
+Errors stay per row: a row result carries "error" and "code" instead of raising. The codes come from
+what the replica knows (the registry's exception types, which adapter versions it has loaded), never
+from the wording of an engine or store message.
+Batch, adapter-load and slot metrics are recorded here, where they happen (serving/app/metrics.py).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from ray import serve
@@ -21,6 +26,8 @@ from adapters_store import AdapterError, AdapterStore, parse_ref
 
 from ..engine import Engine, Request
 from .config import ServeConfig
+from .hub import MetricsPusher
+from .metrics import MODEL_SERIES, Recorder
 from .routing import Registry, Resolved, Source
 
 NEED_TASKS = {"seq": ("seq_cls", "multilabel"), "token": ("token_cls",), "embedding": None}
@@ -28,6 +35,16 @@ NEED_TASKS = {"seq": ("seq_cls", "multilabel"), "token": ("token_cls",), "embedd
 
 def row_error(code: str, message: str) -> dict:
     return {"error": message, "code": code}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An adapter version loaded in this replica's engine (under its engine key)."""
+
+    task: str | None  # its head's task (seq_cls | multilabel | token_cls), None without a head
+    labels: tuple[str, ...] | None
+    virtual_tokens: int  # prompt/prefix positions its rows gain: its inputs may be that much shorter
+    generation: int  # a new number per load: a row admitted under another one finds its adapter gone
 
 
 @serve.deployment
@@ -45,20 +62,31 @@ class ModelServer:
             store = AdapterStore(cfg.store_root)
         static = {name: Source(name, s.path, tuple(s.labels) if s.labels else None) for name, s in cfg.adapters.items()}
         self.registry = Registry(store, static, ttl_s=cfg.store_ttl_s)
-        self._heads: dict[str, tuple[str | None, tuple[str, ...] | None]] = {}  # loaded key -> (task, labels)
+        self._heads: dict[str, Loaded] = {}  # engine key -> what is loaded under it
+        self._generations = itertools.count(1)
         self._loaded: dict[str, Resolved] = {}  # engine key -> what it was loaded from
         self._locks: dict[str, asyncio.Lock] = {}  # per engine key
         self._inflight: dict[str | None, int] = {}  # admitted rows per engine key, drained before an unload
         self._batches = 0
         self.loads = 0
+        self.draining = False  # set by Serve's graceful shutdown (__del__): /ready answers 503
         self._run_batch.set_max_batch_size(cfg.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.metrics = Recorder(MODEL_SERIES)
+        self._engine_counts: dict[str, int] = {}  # engine counters already added to the metrics
+        self._record_engine(self.engine.stats())
+        self.pusher = MetricsPusher.in_replica(self.metrics, cfg.metrics_push_s)
+
+    def __del__(self):  # Serve calls it when it stops this replica, after its ongoing requests
+        self.draining = True
 
     # rows ---------------------------------------------------------------------------------
 
     async def infer(self, row: dict) -> dict:
+        if self.pusher is not None:
+            self.pusher.ensure_started()
         ref, need = row.get("adapter"), row.get("need", "embedding")
-        load_s, key = None, None
+        load_s, key, loaded = None, None, None
         if ref is not None:
             try:
                 found = await asyncio.to_thread(self.registry.resolve, ref)
@@ -69,12 +97,20 @@ class ModelServer:
                 return row_error("adapter_not_found", f"unknown model {ref!r}")
             except AdapterError as exc:
                 return row_error("adapter_invalid", f"adapter {ref!r} cannot be loaded: {exc}")
-        wrong = self._wrong_task(key, ref, need)
+            loaded = self._heads[key]  # no await since _ensure_loaded: still loaded
+        wrong = self._wrong_task(loaded, ref, need)
         if wrong:
             return row_error("wrong_task", wrong)
-        self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the check above: atomic
+        virtual = loaded.virtual_tokens if loaded is not None else 0
+        limit = self.engine.max_tokens - virtual
+        if len(row["input_ids"]) > limit:
+            why = f" (adapter {ref!r} adds {virtual} virtual tokens)" if virtual else ""
+            return row_error("too_many_tokens", f"input has {len(row['input_ids'])} tokens, over the limit of "
+                             f"{limit}{why}")
+        generation = loaded.generation if loaded is not None else 0
+        self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the checks above: atomic
         try:
-            out = await self._run_batch(dict(row, key=key))
+            out = await self._run_batch(dict(row, key=key, generation=generation))
         finally:
             self._inflight[key] -= 1
             if not self._inflight[key]:
@@ -82,30 +118,46 @@ class ModelServer:
         out["load_s"] = load_s
         return out
 
-    def _wrong_task(self, key: str | None, ref: str | None, need: str) -> str | None:
+    @staticmethod
+    def _wrong_task(loaded: Loaded | None, ref: str | None, need: str) -> str | None:
         tasks = NEED_TASKS[need]
-        task = self._heads.get(key, (None, None))[0] if key is not None else None
+        task = loaded.task if loaded is not None else None
         if tasks is None or task in tasks:
             return None
         what = "the base model" if ref is None else f"adapter {ref!r}"
         has = f"a {task} head" if task else "no task head"
         return f"{what} has {has}; this route needs {' or '.join(tasks)}"
 
+    def _gone(self, row: dict) -> bool:
+        """The row's adapter version was unloaded (or replaced) since the row was admitted."""
+        key = row.get("key")
+        if key is None:
+            return False
+        loaded = self._heads.get(key)
+        return loaded is None or loaded.generation != row["generation"]
+
+    def _infer(self, requests: list[Request]):
+        results = self.engine.infer(requests)
+        return results, self.engine.stats()
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from the config in __init__
     async def _run_batch(self, rows: list[dict]) -> list[dict]:
         requests = [Request(adapter=r.get("key"), input_ids=r["input_ids"]) for r in rows]
         start = time.perf_counter()
-        results = await asyncio.to_thread(self.engine.infer, requests)
+        results, stats = await asyncio.to_thread(self._infer, requests)
         compute_s = time.perf_counter() - start
         self._batches += 1
         info = {"batch_size": len(rows), "batch_adapters": len({r.get("key") for r in rows} - {None}),
                 "batch_id": self._batches, "compute_s": compute_s}
+        self.metrics.batch_size.observe(info["batch_size"])
+        self.metrics.batch_adapters.observe(info["batch_adapters"])
+        self.metrics.batch_compute.observe(compute_s)
+        self._record_engine(stats)
         out = []
-        for i, (row, res) in enumerate(zip(rows, results)):
-            item = dict(info, batch_first=i == 0, task=res.task, labels=list(res.labels) if res.labels else None)
+        for row, res in zip(rows, results):
+            item = dict(info, task=res.task, labels=list(res.labels) if res.labels else None)
             if res.error is not None:
-                gone = "unknown adapter" in res.error or "was unloaded" in res.error
-                if gone:  # removed while the row waited: name what the client asked for, not the engine key
+                if self._gone(row):  # removed while the row waited: name what the client asked for, not the key
                     item.update(row_error("adapter_not_found", f"unknown model {row.get('adapter')!r} (removed)"))
                 else:
                     item.update(row_error("invalid_input", res.error))
@@ -115,6 +167,17 @@ class ModelServer:
                 item["logits"] = res.logits.tolist() if res.logits is not None else None
             out.append(item)
         return out
+
+    def _record_engine(self, stats: dict) -> None:
+        """The engine's slot gauges, and its counters' growth since the last call."""
+        m = self.metrics
+        for instrument, field in ((m.slot_loads, "loads"), (m.slot_evictions, "evictions"), (m.forwards, "forwards")):
+            instrument.inc(stats[field] - self._engine_counts.get(field, 0))
+            self._engine_counts[field] = stats[field]
+        m.resident_slots.set(stats["resident"])
+        m.max_slots.set(stats["max_slots"])
+        m.registered_adapters.set(stats["registered"])
+        m.slot_bytes.set(stats["slot_bytes"])
 
     # adapters -----------------------------------------------------------------------------
 
@@ -141,11 +204,16 @@ class ModelServer:
         start = time.perf_counter()
         labels = list(found.labels) if found.labels is not None else None
         spec = await asyncio.to_thread(self.engine.load_adapter, found.key, found.path, labels)
+        load_s = time.perf_counter() - start
         head = spec.head
-        self._heads[found.key] = (head.task, head.labels) if head is not None else (None, None)
+        self._heads[found.key] = Loaded(head.task if head else None, tuple(head.labels) if head else None,
+                                        spec.num_virtual_tokens, next(self._generations))
         self._loaded[found.key] = found
         self.loads += 1
-        return time.perf_counter() - start
+        self.metrics.adapter_loads.inc()
+        self.metrics.adapter_load_seconds.observe(load_s)
+        self._record_engine(await asyncio.to_thread(self.engine.stats))
+        return load_s
 
     async def add_adapter(self, name: str, path: str, labels: list[str] | None = None) -> dict:
         """Validate and publish `path` as the next version of `name` in the store, and load it here now
@@ -161,9 +229,9 @@ class ModelServer:
             except AdapterError as exc:
                 await asyncio.to_thread(self.registry.remove, name, found.version)
                 return row_error("adapter_invalid", str(exc))
-        task, head_labels = self._heads[found.key]
-        return {"name": name, "version": found.version, "ref": found.full_ref, "source": found.path, "task": task,
-                "labels": list(head_labels) if head_labels else None, "load_s": load_s}
+        loaded = self._heads[found.key]
+        return {"name": name, "version": found.version, "ref": found.full_ref, "source": found.path,
+                "task": loaded.task, "labels": list(loaded.labels) if loaded.labels else None, "load_s": load_s}
 
     async def remove_adapter(self, ref: str, drain_timeout_s: float = 30.0) -> bool:
         """Remove `name` (every version, and a static entry) or `name@N` from the registry at once (later
@@ -198,6 +266,8 @@ class ModelServer:
                 while self._inflight.get(key) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                 await asyncio.to_thread(self.engine.unload_adapter, key)
+                self.metrics.adapter_unloads.inc()
+                self._record_engine(await asyncio.to_thread(self.engine.stats))
 
     async def list_adapters(self) -> list[dict]:
         """Per name: its latest version (None for a static entry), every version, where its files are, and
@@ -205,17 +275,21 @@ class ModelServer:
         out = []
         for entry in await asyncio.to_thread(self.registry.list):
             key = entry.pop("key")
-            task, labels = self._heads.get(key, (None, None))
-            out.append(dict(entry, loaded=key in self._heads, task=task,
-                            labels=list(labels) if labels else entry["labels"]))
+            loaded = self._heads.get(key)
+            out.append(dict(entry, loaded=loaded is not None, task=loaded.task if loaded else None,
+                            labels=list(loaded.labels) if loaded and loaded.labels else entry["labels"]))
         return out
 
     # introspection ------------------------------------------------------------------------
 
     def info(self) -> dict:
+        """What the ingress needs to know (and its /ready asks): limits, and whether this replica drains."""
+        if self.pusher is not None:
+            self.pusher.ensure_started()
         eng = self.engine
         return {"model_name": self.cfg.resolved_model_name(), "max_tokens": eng.max_tokens,
-                "hidden_size": eng.schema.hidden_size, "vocab_size": eng.schema.vocab_size, "causal": eng.causal}
+                "hidden_size": eng.schema.hidden_size, "vocab_size": eng.schema.vocab_size, "causal": eng.causal,
+                "draining": self.draining}
 
     async def stats(self) -> dict:
         stats = await asyncio.to_thread(self.engine.stats)  # takes the engine lock: off the event loop

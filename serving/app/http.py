@@ -2,7 +2,10 @@
 
 Every error is JSON {"error": {"message", "type", "code"}}; bad input is never a 500.
 Bodies are read and parsed here (not by FastAPI) so that size limits, malformed JSON (400)
-and invalid fields (422) each get their own status.
+and invalid fields (422) each get their own status. Statuses come from exception types and
+row error codes (ROW_CODES), never from the wording of a message.
+Overload: the model deployment's queue limit (max_queued_requests, Ray's BackPressureError) is a
+429 with Retry-After; a model that is not ready, draining or unavailable is a 503 with Retry-After.
 """
 
 import asyncio
@@ -20,13 +23,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, check_name, parse_ref
 
 from .config import ServeConfig
-from .metrics import AppMetrics
+from .hub import MetricsPusher
+from .metrics import INGRESS_SERIES, Recorder, adapter_label
 from .routing import UnknownModel, resolve_model
 from .tagging import merge_entities
 
@@ -35,7 +40,9 @@ ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
     "wrong_task": (422, "invalid_request_error"),
     "adapter_invalid": (422, "invalid_request_error"),
     "invalid_input": (422, "invalid_request_error"),
+    "too_many_tokens": (413, "invalid_request_error"),
 }
+UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)  # 503: the model is not there
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
@@ -127,6 +134,19 @@ def _sigmoid(x: list[float]) -> list[float]:
     return [1 / (1 + math.exp(-v)) if v >= 0 else math.exp(v) / (1 + math.exp(v)) for v in x]
 
 
+async def _result(response):
+    return await response
+
+
+def _cancel(response) -> None:
+    """Best-effort DeploymentResponse.cancel(). With Ray's router on its own thread, cancel() reads a result
+    that just arrived and re-raises its error (e.g. the BackPressureError of a row already refused)."""
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001 - that row's outcome no longer matters
+        pass
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -137,23 +157,42 @@ class Ingress:
         self.model = model
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.resolved_base_dir(), local_files_only=True)
         self.base_name = self.cfg.resolved_model_name()
-        self.metrics = AppMetrics()
         self._info: dict | None = None  # ModelServer.info(), once it answered
-        self.draining = False
+        self.shutting_down = False  # Serve stops this replica (__del__)
+        self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
+        self.metrics = Recorder(INGRESS_SERIES)
+        self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config of this deployment, given to every Ingress replica (and again on each change):
+        {"draining": true} makes /ready answer 503 while requests are still served, so that load balancers
+        stop sending traffic before the app is stopped or moved; {"draining": false} undoes it."""
+        unknown = set(user_config or {}) - {"draining"}
+        if unknown:
+            raise ValueError(f"Ingress user_config: unknown keys {sorted(unknown)}; known: draining")
+        draining = (user_config or {}).get("draining", False)
+        if not isinstance(draining, bool):
+            raise ValueError(f"Ingress user_config: draining must be true or false, got {draining!r}")
+        self.drain_requested = draining
 
     def __del__(self):  # Serve's graceful shutdown: /ready answers 503 from here on
-        self.draining = True
+        self.shutting_down = True
 
     # plumbing -----------------------------------------------------------------------------
 
+    def _retry(self) -> dict:
+        return {"Retry-After": str(self.cfg.retry_after_s)}
+
     async def _serve(self, route: str, request: Request, handler) -> Response:
+        if self.pusher is not None:
+            self.pusher.ensure_started()
         start = time.perf_counter()
         try:
             response = await handler(request)
         except ApiError as exc:
             self.metrics.errors.labels(route, exc.adapter, exc.code).inc()
             response = error_response(exc.status, exc.message, exc.code, exc.headers)
-        self.metrics.requests.labels(route, str(response.status_code)).inc()
+        self.metrics.requests.labels(route, response.status_code).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
 
@@ -182,17 +221,47 @@ class Ingress:
         except ValidationError as exc:
             raise ApiError(422, _summary(exc.errors(include_input=False)), "invalid_field") from None
 
+    def _overloaded(self) -> ApiError:
+        return ApiError(429, "the server is overloaded: the model's queue is full, retry later", "overloaded",
+                        self._retry())
+
+    def _unavailable(self, exc: BaseException) -> ApiError:
+        return ApiError(503, f"the model is unavailable, retry later ({type(exc).__name__})", "unavailable",
+                        self._retry())
+
+    async def _ask_model(self, timeout_s: float | None = None) -> dict:
+        """ModelServer.info() from one model replica; ApiError 429/503 when it cannot answer."""
+        response = self.model.info.remote()
+        try:
+            info = await asyncio.wait_for(_result(response), timeout_s)
+        except asyncio.TimeoutError:
+            _cancel(response)
+            raise ApiError(503, f"warming up: the model deployment has not answered within {timeout_s} s",
+                           "not_ready", self._retry()) from None
+        except BackPressureError:
+            raise self._overloaded() from None
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc) from None
+        self._info = info
+        return info
+
+    async def _model_replicas(self) -> tuple[int, int] | None:
+        """(running, all) replicas of the model deployment as Serve's controller reports them; None where it
+        cannot tell (outside Serve)."""
+        try:
+            app = serve.get_replica_context().app_name
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self.cfg.ready_timeout_s)
+            deployment = status.applications[app].deployments[self.model.deployment_name]
+        except Exception:  # noqa: BLE001 - not in Serve, or the controller is slow: ask the model instead
+            return None
+        states = deployment.replica_states
+        return states.get("RUNNING", 0), sum(states.values())
+
     async def _model_info(self) -> dict:
-        if self._info is None:
-            try:
-                self._info = await self.model.info.remote()
-            except (BackPressureError, DeploymentUnavailableError) as exc:
-                raise ApiError(503, f"the model is not available yet: {type(exc).__name__}", "not_ready",
-                               {"Retry-After": "1"}) from None
-        return self._info
+        return self._info if self._info is not None else await self._ask_model()
 
     def _adapters(self, models: list) -> list[tuple[str, str | None]]:
-        """(model as given, adapter name or None for the base); 404 for names that cannot be adapters."""
+        """(model as given, adapter reference or None for the base); 404 for names that cannot be adapters."""
         out = []
         for m in models:
             try:
@@ -201,11 +270,26 @@ class Ingress:
                 raise ApiError(404, str(exc), "model_not_found", adapter="unknown") from None
         return out
 
+    def _checked_models(self, models: list) -> list[tuple[str, str | None]]:
+        """The checked `model` list of /v1/classify and /v1/tag: non-empty, at most max_models, each a valid
+        name, each adapter (or the base) once."""
+        if not models:
+            raise ApiError(422, "model is an empty list", "invalid_field")
+        if len(models) > self.cfg.max_models:
+            raise ApiError(413, f"{len(models)} models in one request, over the limit of {self.cfg.max_models}",
+                           "too_many_models")
+        pairs = self._adapters(models)
+        first: dict[str | None, str] = {}
+        for model, ref in pairs:
+            if ref in first:
+                raise ApiError(422, f"model {model!r} names the same adapter as {first[ref]!r}: name each once",
+                               "duplicate_model")
+            first[ref] = model
+        return pairs
+
     def _check_counts(self, n_inputs: int, n_models: int) -> None:
         if n_inputs == 0:
             raise ApiError(422, "input is empty", "empty_input")
-        if n_models == 0:
-            raise ApiError(422, "model is an empty list", "invalid_field")
         if n_inputs * n_models > self.cfg.max_items:
             raise ApiError(413, f"{n_inputs} inputs x {n_models} models is over the limit of {self.cfg.max_items} "
                            "rows per request", "too_many_items")
@@ -224,26 +308,46 @@ class Ingress:
             out.append(enc)
         return out
 
-    async def _run_rows(self, rows: list[dict], names: list[str | None]) -> list[dict]:
-        results = await asyncio.gather(*[self.model.infer.remote(r) for r in rows], return_exceptions=True)
-        for res in results:
-            if isinstance(res, BackPressureError):
-                raise ApiError(503, "the server is overloaded: too many queued requests, retry later", "overloaded",
-                               {"Retry-After": "1"})
-            if isinstance(res, DeploymentUnavailableError):
-                raise ApiError(503, "the model is unavailable, retry later", "unavailable", {"Retry-After": "1"})
-            if isinstance(res, BaseException):
-                raise res
+    async def _row(self, route: str, response) -> dict:
+        start = time.perf_counter()
+        out = await response
+        if out.get("compute_s") is not None:  # it ran in a batch
+            self.metrics.queue.labels(route).observe(max(0.0, time.perf_counter() - start - out["compute_s"]))
+        return out
+
+    async def _run_rows(self, route: str, rows: list[dict], names: list[str | None]) -> list[dict]:
+        """One ModelServer call per row. The first row refused (queue full: 429; model unavailable: 503)
+        fails the request at once and cancels its other rows, so an overloaded server sheds quickly."""
+        calls = [self.model.infer.remote(r) for r in rows]
+        tasks = [asyncio.ensure_future(self._row(route, c)) for c in calls]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # a failed row, or this request cancelled (client gone): stop the rest
+            pending = [(c, t) for c, t in zip(calls, tasks) if not t.done()]
+            for call, task in pending:
+                _cancel(call)
+                task.cancel()
+            if pending:
+                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+        failures = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+        if any(isinstance(e, BackPressureError) for e in failures):
+            raise self._overloaded()
+        for exc in failures:
+            if isinstance(exc, UNAVAILABLE):
+                raise self._unavailable(exc)
+        if failures:
+            raise failures[0]
+        results = [t.result() for t in tasks]
         for res, name in zip(results, names):
             if res.get("error"):
                 status, _ = ROW_CODES.get(res["code"], (422, ""))
-                adapter = "unknown" if res["code"] == "adapter_not_found" else (name or "base")
+                adapter = "unknown" if res["code"] == "adapter_not_found" else adapter_label(name)
                 raise ApiError(status, res["error"], res["code"], adapter=adapter)
         return results
 
     def _respond(self, route: str, body: dict, rows: list[dict], names: list[str | None]) -> JSONResponse:
-        for row, name in zip(rows, names):
-            self.metrics.observe_row(route, name, row)
+        for name in names:
+            self.metrics.rows.labels(route, adapter_label(name)).inc()
         headers = {"x-polyhead-batch-size": str(max(r["batch_size"] for r in rows)),
                    "x-polyhead-batch-adapters": str(max(r["batch_adapters"] for r in rows))}
         return JSONResponse(body, headers=headers)
@@ -256,28 +360,49 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self):
-        if self.draining:
-            return error_response(503, "draining", "draining", {"Retry-After": "1"})
+        """200 once a model replica runs and has answered; 503 while the base loads (Serve reports no model
+        replica running, e.g. at start or while one restarts), while draining (this replica stopping, an
+        operator's user_config, or the model replica that answered stopping), or while the model deployment
+        is unavailable. A running model too busy to answer within ready_timeout_s is ready."""
+        if self.shutting_down or self.drain_requested:
+            why = "this ingress replica is shutting down" if self.shutting_down else "asked by an operator"
+            return error_response(503, f"draining: {why}", "draining", self._retry())
+        replicas = await self._model_replicas()
+        if replicas is not None and replicas[0] == 0:
+            return error_response(503, f"warming up: none of the {replicas[1]} model replicas runs yet (the base "
+                                  "model loads)", "not_ready", self._retry())
         try:
-            await asyncio.wait_for(self._model_info(), timeout=5)
-        except (ApiError, asyncio.TimeoutError):
-            return error_response(503, "warming up: the model deployment has not answered yet", "not_ready",
-                                  {"Retry-After": "1"})
+            info = await self._ask_model(self.cfg.ready_timeout_s)
+        except ApiError as exc:
+            busy = exc.code in ("overloaded", "not_ready")  # a full queue, or no answer in ready_timeout_s
+            if busy and self._info is not None:  # a model replica answered before: up and busy (excess: 429s)
+                return {"status": "ready"}
+            if busy:
+                return error_response(503, "warming up: no model replica has answered yet", "not_ready",
+                                      self._retry())
+            return error_response(503, exc.message, exc.code, self._retry())
+        if info.get("draining"):
+            return error_response(503, "draining: the model replica is shutting down", "draining", self._retry())
         return {"status": "ready"}
 
     @app.get("/metrics")
     async def metrics(self):
+        """Every replica's series, summed by the app's MetricsHub (serving/app/hub.py); outside Serve (no
+        hub), this process's own."""
+        if self.pusher is None:
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
         try:
-            self.metrics.engine.snapshot = await asyncio.wait_for(self.model.stats.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 - a scrape still answers with the ingress's own metrics
-            pass
-        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+            text = await self.pusher.exposition()
+        except Exception as exc:  # noqa: BLE001 - never a partial answer: Prometheus records the failed scrape
+            return error_response(503, f"metrics are unavailable: {type(exc).__name__}: {str(exc)[:200]}",
+                                  "metrics_unavailable", self._retry())
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        return await self._serve("models", request, self._models)
+        return await self._serve("models", request, self._list_models)
 
-    async def _models(self, request: Request):
+    async def _list_models(self, request: Request):
         adapters = await self.model.list_adapters.remote()
         data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
         data += [{"id": a["name"], "object": "model", "created": 0, "owned_by": "polyhead", "parent": self.base_name,
@@ -291,9 +416,9 @@ class Ingress:
 
     async def _classify(self, request: Request):
         body = self._parse(ClassifyBody, await self._json(request))
-        models, texts = _as_list(body.model), _as_list(body.input)
-        self._check_counts(len(texts), len(models))
-        pairs = self._adapters(models)
+        texts = _as_list(body.input)
+        pairs = self._checked_models(_as_list(body.model))
+        self._check_counts(len(texts), len(pairs))
         info = await self._model_info()
         encs = self._encode(texts, info["max_tokens"])
         rows, names, meta = [], [], []
@@ -302,10 +427,11 @@ class Ingress:
                 rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "seq"})
                 names.append(name)
                 meta.append((i, model))
-        results = await self._run_rows(rows, names)
+        results = await self._run_rows("classify", rows, names)
         data = []
         for (i, model), res in zip(meta, results):
-            logits, labels = res["logits"], res["labels"]
+            logits = res["logits"]
+            labels = res["labels"] or [f"LABEL_{j}" for j in range(len(logits))]
             if res["task"] == "multilabel":
                 probs = _sigmoid(logits)
                 above = [lab for lab, p in zip(labels, probs) if p > body.threshold]
@@ -324,9 +450,9 @@ class Ingress:
 
     async def _tag(self, request: Request):
         body = self._parse(TagBody, await self._json(request))
-        models, texts = _as_list(body.model), _as_list(body.input)
-        self._check_counts(len(texts), len(models))
-        pairs = self._adapters(models)
+        texts = _as_list(body.input)
+        pairs = self._checked_models(_as_list(body.model))
+        self._check_counts(len(texts), len(pairs))
         info = await self._model_info()
         encs = self._encode(texts, info["max_tokens"], offsets=True)
         rows, names, meta = [], [], []
@@ -335,11 +461,12 @@ class Ingress:
                 rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "token"})
                 names.append(name)
                 meta.append((i, model, enc["offset_mapping"]))
-        results = await self._run_rows(rows, names)
+        results = await self._run_rows("tag", rows, names)
         data = []
         for (i, model, offsets), res in zip(meta, results):
-            labels, tags, scores = res["labels"], [], []
+            tags, scores = [], []
             for token_logits in res["logits"]:
+                labels = res["labels"] or [f"LABEL_{j}" for j in range(len(token_logits))]
                 probs = _softmax(token_logits)
                 best = max(range(len(probs)), key=probs.__getitem__)
                 tags.append(labels[best])
@@ -371,9 +498,13 @@ class Ingress:
                 if not item:
                     raise ApiError(422, f"input {i} is an empty list of token ids", "empty_input")
                 self._check_tokens(item, i, info["max_tokens"])
+                bad = next((t for t in item if not 0 <= t < info["vocab_size"]), None)
+                if bad is not None:
+                    raise ApiError(422, f"input {i}: token id {bad} is outside the vocabulary "
+                                   f"[0, {info['vocab_size']})", "invalid_input")
                 ids = item
             rows.append({"adapter": name, "input_ids": ids, "need": "embedding"})
-        results = await self._run_rows(rows, [name] * len(rows))
+        results = await self._run_rows("embeddings", rows, [name] * len(rows))
         data = []
         for i, res in enumerate(results):
             emb = res["embedding"]
@@ -406,6 +537,15 @@ class Ingress:
         if not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(403, "admin route: wrong API key", "invalid_api_key")
 
+    async def _forget_adapter(self, name: str) -> None:
+        if self.pusher is None:
+            self.metrics.forget_adapter(name)
+            return
+        try:
+            await self.pusher.forget_adapter(name)
+        except Exception:  # noqa: BLE001 - the delete itself succeeded; only its series linger
+            self.metrics.forget_adapter(name)
+
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         return await self._serve("adapters", request, self._list_adapters)
@@ -429,7 +569,7 @@ class Ingress:
         out = await self.model.add_adapter.remote(body.name, body.source, body.labels)
         if out.get("error"):
             raise ApiError(422, out["error"], out["code"])
-        self.metrics.observe_load(out.pop("load_s"))
+        out.pop("load_s", None)  # recorded by the model replica (polyhead_adapter_load_seconds)
         return JSONResponse(dict(out, object="adapter"), status_code=201)
 
     @app.delete("/v1/adapters/{name:path}")
@@ -442,7 +582,8 @@ class Ingress:
                 raise ApiError(404, f"unknown adapter {name[:80]!r}", "model_not_found", adapter="unknown") from None
             if not await self.model.remove_adapter.remote(name):
                 raise ApiError(404, f"unknown adapter {name!r}", "model_not_found", adapter="unknown")
-            self.metrics.adapter_unloads.inc()
+            if "@" not in name:  # every version is gone: so are its series (one version: the name stays)
+                await self._forget_adapter(name)
             return JSONResponse({"id": name, "object": "adapter", "deleted": True})
 
         return await self._serve("adapters", request, handler)

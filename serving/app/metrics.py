@@ -1,81 +1,188 @@
-"""Prometheus metrics of the app, served on GET /metrics by the ingress (single-machine default).
+"""Prometheus metrics: every series defined once, recorded through one Recorder per process.
 
-The model replica runs in another process, so it reports what the ingress records:
-each row's result carries its batch's size, distinct adapters and compute time (the
-first row of a batch carries `batch_first`, so a batch is counted once), and
-`ModelServer.stats()` gives slot residency and load/eviction counts, read on scrape.
+A Recorder writes every value twice:
+- into the process's prometheus-client registry. Each replica (ingress and model) sends that
+  registry's cumulative values to the app's MetricsHub (serving/app/hub.py), and GET /metrics, on
+  whichever ingress replica answers, serves the hub's sum over every replica: complete with several
+  ingress and model replicas on several nodes, at most `metrics_push_s` behind;
+- into ray.serve.metrics, which each Ray node's metrics agent exports (as `ray_polyhead_*`, with
+  deployment/replica/application labels): the route Prometheus scrapes in a cluster (deploy/README.md).
 
-Clusters (several ingress or model replicas): each process here has its own registry,
-so a scrape of one ingress sees only its share. There, use `ray.serve.metrics`
-(Counter/Gauge/Histogram, exported by Ray's per-node metrics agent) in the replicas
-instead and scrape every node; that is a later step. Ray's own ray_serve_* series already arrive
-that way: deploy/prometheus/prometheus.yml scrapes both, deploy/grafana/ charts both (deploy/README.md).
+Each series is recorded where its event happens: request-level series (requests, errors, rows per
+adapter, end-to-end and queue latency) in the ingress; batch, adapter-load and slot series in the
+model replica. Adapter label values are registered adapter names (without `@N`), else "unknown"
+(a name nothing is registered under), "none" (no adapter involved) or "base".
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class EngineStats:
-    """A collector that reports the last ModelServer.stats() snapshot."""
-
-    def __init__(self):
-        self.snapshot: dict = {}
-
-    def collect(self):
-        s = self.snapshot
-        yield GaugeMetricFamily("polyhead_resident_slots", "adapters resident in slots", value=s.get("resident", 0))
-        yield GaugeMetricFamily("polyhead_max_slots", "slots of the engine", value=s.get("max_slots", 0))
-        yield GaugeMetricFamily("polyhead_registered_adapters", "adapters loaded in the engine",
-                                value=s.get("registered", 0))
-        yield GaugeMetricFamily("polyhead_slot_bytes", "bytes held by slot tensors", value=s.get("slot_bytes", 0))
-        yield CounterMetricFamily("polyhead_slot_loads", "adapter copies into slots", value=s.get("loads", 0))
-        yield CounterMetricFamily("polyhead_slot_evictions", "adapters evicted from slots (LRU)",
-                                  value=s.get("evictions", 0))
-        yield CounterMetricFamily("polyhead_forwards", "batched forwards of the base", value=s.get("forwards", 0))
+@dataclass(frozen=True)
+class Series:
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
 
 
-class AppMetrics:
-    def __init__(self):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("polyhead_requests", "HTTP requests by route and status code",
-                                ["route", "code"], registry=r)
-        self.rows = Counter("polyhead_rows", "rows served by route and adapter (base: no adapter)",
-                            ["route", "adapter"], registry=r)
-        self.errors = Counter("polyhead_errors", "errors by route, adapter (registered names only, else "
-                              "unknown/none) and type", ["route", "adapter", "type"], registry=r)
-        self.latency = Histogram("polyhead_request_seconds", "end-to-end request latency in the ingress",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_compute = Histogram("polyhead_batch_compute_seconds", "Engine.infer time per batch",
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("polyhead_batch_size", "rows per batch", buckets=SIZE_BUCKETS, registry=r)
-        self.batch_adapters = Histogram("polyhead_batch_adapters", "distinct adapters per batch",
-                                        buckets=SIZE_BUCKETS, registry=r)
-        self.adapter_loads = Counter("polyhead_adapter_loads", "adapters loaded into the engine (on demand or admin)",
-                                     registry=r)
-        self.adapter_load_seconds = Histogram("polyhead_adapter_load_seconds", "time to validate and load an adapter",
-                                              buckets=LATENCY_BUCKETS, registry=r)
-        self.adapter_unloads = Counter("polyhead_adapter_unloads", "adapters removed through the admin route",
-                                       registry=r)
-        self.engine = EngineStats()
-        r.register(self.engine)
+INGRESS_SERIES = {
+    "requests": Series("polyhead_requests", "counter", "HTTP requests by route and status code", ("route", "code")),
+    "errors": Series("polyhead_errors", "counter", "error answers by route, adapter (a registered name, else "
+                     "unknown/none) and error code", ("route", "adapter", "type")),
+    "rows": Series("polyhead_rows", "counter", "rows served by route and adapter (base: no adapter)",
+                   ("route", "adapter")),
+    "latency": Series("polyhead_request_seconds", "histogram", "end-to-end request latency in the ingress",
+                      ("route",), LATENCY_BUCKETS),
+    "queue": Series("polyhead_queue_seconds", "histogram", "per row: the ingress's wait for its result minus its "
+                    "batch's compute time (queues, batch wait, transfers)", ("route",), LATENCY_BUCKETS),
+}
+MODEL_SERIES = {
+    "batch_size": Series("polyhead_batch_size", "histogram", "rows per batch", (), SIZE_BUCKETS),
+    "batch_adapters": Series("polyhead_batch_adapters", "histogram", "distinct adapters per batch", (), SIZE_BUCKETS),
+    "batch_compute": Series("polyhead_batch_compute_seconds", "histogram", "Engine.infer time per batch", (),
+                            LATENCY_BUCKETS),
+    "adapter_loads": Series("polyhead_adapter_loads", "counter", "adapter versions loaded into a model replica "
+                            "(on demand or admin)"),
+    "adapter_load_seconds": Series("polyhead_adapter_load_seconds", "histogram", "time to validate and load an "
+                                   "adapter version", (), LATENCY_BUCKETS),
+    "adapter_unloads": Series("polyhead_adapter_unloads", "counter", "adapter versions unloaded from a model replica "
+                              "(deleted, or gone from the store)"),
+    "slot_loads": Series("polyhead_slot_loads", "counter", "adapter copies into slots"),
+    "slot_evictions": Series("polyhead_slot_evictions", "counter", "adapters evicted from slots (LRU)"),
+    "forwards": Series("polyhead_forwards", "counter", "batched forwards of the base"),
+    "resident_slots": Series("polyhead_resident_slots", "gauge", "adapters resident in slots (summed over model "
+                             "replicas)"),
+    "max_slots": Series("polyhead_max_slots", "gauge", "slots of the engines (summed over model replicas)"),
+    "registered_adapters": Series("polyhead_registered_adapters", "gauge", "adapter versions loaded in the engines "
+                                  "(summed over model replicas)"),
+    "slot_bytes": Series("polyhead_slot_bytes", "gauge", "bytes held by slot tensors (summed over model replicas)"),
+}
+HUB_SERIES = {
+    "sources": Series("polyhead_metrics_sources", "gauge", "replicas whose series this answer sums, by deployment "
+                      "(those that reported recently)", ("deployment",)),
+}
+ALL_SERIES = {s.name: s for group in (INGRESS_SERIES, MODEL_SERIES, HUB_SERIES) for s in group.values()}
 
-    def observe_row(self, route: str, adapter: str | None, row: dict) -> None:
-        self.rows.labels(route, adapter or "base").inc()
-        if row.get("batch_first"):
-            self.batch_size.observe(row["batch_size"])
-            self.batch_adapters.observe(row["batch_adapters"])
-            self.batch_compute.observe(row["compute_s"])
-        if row.get("load_s") is not None:
-            self.observe_load(row["load_s"])
+_PROM_TYPES = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 
-    def observe_load(self, seconds: float) -> None:
-        self.adapter_loads.inc()
-        self.adapter_load_seconds.observe(seconds)
+
+def _ray_metric(series: Series):
+    from ray.serve import metrics as serve_metrics
+
+    tags = series.labels or None
+    if series.kind == "histogram":
+        return serve_metrics.Histogram(series.name, series.help, boundaries=list(series.buckets), tag_keys=tags)
+    kind = serve_metrics.Counter if series.kind == "counter" else serve_metrics.Gauge
+    return kind(series.name, series.help, tag_keys=tags)
+
+
+class _Child:
+    """One label combination of a series, in both places."""
+
+    __slots__ = ("prom", "ray", "tags")
+
+    def __init__(self, prom, ray_metric, tags: dict[str, str]):
+        self.prom, self.ray, self.tags = prom, ray_metric, tags
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount <= 0:  # ray.util.metrics refuses 0; a counter never goes down
+            return
+        self.prom.inc(amount)
+        if self.ray is not None:
+            self.ray.inc(amount, tags=self.tags)
+
+    def observe(self, value: float) -> None:
+        self.prom.observe(value)
+        if self.ray is not None:
+            self.ray.observe(value, tags=self.tags)
+
+    def set(self, value: float) -> None:
+        self.prom.set(value)
+        if self.ray is not None:
+            self.ray.set(value, tags=self.tags)
+
+
+class Instrument:
+    """One series: a prometheus-client metric in the Recorder's registry and, inside Ray, a ray.serve.metrics one."""
+
+    def __init__(self, series: Series, registry: CollectorRegistry, ray_export: bool):
+        self.series = series
+        extra = {"buckets": series.buckets} if series.kind == "histogram" else {}
+        self._prom = _PROM_TYPES[series.kind](series.name, series.help, series.labels, registry=registry, **extra)
+        self._ray = _ray_metric(series) if ray_export else None
+        self._children: dict[tuple[str, ...], _Child] = {}
+
+    def labels(self, *values) -> _Child:
+        values = tuple(str(v) for v in values)
+        child = self._children.get(values)
+        if child is None:
+            prom = self._prom.labels(*values) if self.series.labels else self._prom
+            child = self._children[values] = _Child(prom, self._ray, dict(zip(self.series.labels, values)))
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+    def set(self, value: float) -> None:
+        self.labels().set(value)
+
+    def remove(self, label: str, value: str) -> int:
+        """Stop reporting every label combination whose `label` is `value` (prometheus-client's remove();
+        ray.util.metrics has no such call: Ray's export keeps the last values until the replica restarts)."""
+        if label not in self.series.labels:
+            return 0
+        i = self.series.labels.index(label)
+        gone = [v for v in self._children if v[i] == value]
+        for values in gone:
+            del self._children[values]
+            self._prom.remove(*values)
+        return len(gone)
+
+
+class Recorder:
+    """The series of one process (`INGRESS_SERIES` or `MODEL_SERIES`), each an attribute: `rec.rows.labels(...).inc()`.
+
+    ray_export: also write ray.serve.metrics (default: when Ray is initialized in this process).
+    """
+
+    def __init__(self, series: dict[str, Series], ray_export: bool | None = None):
+        if ray_export is None:
+            import ray
+
+            ray_export = ray.is_initialized()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.instruments = {attr: Instrument(s, self.registry, ray_export) for attr, s in series.items()}
+        for attr, instrument in self.instruments.items():
+            setattr(self, attr, instrument)
+
+    def forget_adapter(self, name: str) -> int:
+        """Stop reporting the series labelled with adapter `name` (it was deleted); how many were dropped."""
+        return sum(i.remove("adapter", name) for i in self.instruments.values())
+
+    def values(self) -> dict[tuple[str, str, tuple], float]:
+        """Cumulative values: (family, sample name, sorted label items) -> value (no `_created` samples)."""
+        out = {}
+        for family in self.registry.collect():
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    out[(family.name, s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
 
     def exposition(self) -> bytes:
+        """This process's series alone, in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def adapter_label(ref: str | None) -> str:
+    """The adapter label of a row: its name without `@N`, or "base"."""
+    return "base" if ref is None else ref.partition("@")[0]

@@ -67,10 +67,18 @@ def engine_key(name: str, version: int | None) -> str:
     return f"{name[:MAX_KEY_CHARS - len(suffix) - 17]}.{digest}{suffix}"
 
 
-def _not_found(exc: AdapterError) -> bool:
-    """AdapterStore says "unknown adapter/version ..." or "... was removed ..." for what is not there."""
-    msg = str(exc)
-    return msg.startswith("unknown ") or " was removed " in msg
+def _published(store: AdapterStore, name: str, version: int | None) -> bool:
+    """Whether `name` (any version) or `name@version` is published in the store now.
+
+    AdapterStore raises one AdapterError type for every problem; after one, this looks at the store
+    (its own list of a name's published versions, the test its resolve/remove make before saying
+    "unknown") to tell a missing adapter (404) from a broken one, never at the message's wording.
+    """
+    try:
+        versions = store._versions(name)  # noqa: SLF001 - no public per-name listing (store.list() reads all)
+    except OSError:  # the store cannot be read: not known to be missing
+        return True
+    return bool(versions) if version is None else version in versions
 
 
 class Registry:
@@ -107,7 +115,7 @@ class Registry:
         except AdapterError as exc:
             with self._lock:
                 self._cache.pop(ref, None)
-            if _not_found(exc):
+            if not _published(self.store, name, version):
                 raise UnknownAdapter(str(exc)) from None
             raise
         resolved = self._from_store(ref, found)
@@ -140,8 +148,8 @@ class Registry:
             removed.append(Resolved(name, name, None, static.path, static.labels, engine_key(name, None)))
         try:
             gone = self.store.remove(name, version)
-        except AdapterError as exc:
-            if not _not_found(exc):
+        except AdapterError:
+            if _published(self.store, name, version):
                 raise
             gone = []
         removed += [self._from_store(v.ref, v) for v in gone]

@@ -2,13 +2,16 @@
 
 One app, "polyhead" at /, with an admin key, several static adapters, an AdapterStore root for
 admin registrations (`store_root`, looked up with a short TTL) and small limits (64 rows per
-request, 200 KB bodies, 32 ongoing + 64 queued rows at the model) so that limits are cheap to hit.
+request, 8 models, 200 KB bodies, 32 ongoing + 64 queued rows at the model) so that limits are cheap
+to hit. Replicas push their metrics every 0.1 s; Ray's per-node metrics agent reports every 0.5 s.
+test_multi_replica.py deploys a second app with two replicas of each deployment beside it.
 """
 from __future__ import annotations
 
 import json
 import socket
 import time
+from typing import Callable
 from pathlib import Path
 
 import httpx
@@ -48,6 +51,7 @@ def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
         "ml": _with_labels(make_lora(root / "ml", schema, seed=3, head="SEQ_CLS", num_labels=4),
                            ["a", "b", "c", "d"], "multi_label_classification"),
         "ner": _with_labels(make_lora(root / "ner", schema, seed=4, head="TOKEN_CLS", num_labels=5), NER_LABELS),
+        "ner-b": _with_labels(make_lora(root / "ner-b", schema, seed=9, head="TOKEN_CLS", num_labels=5), NER_LABELS),
         "emb": make_lora(root / "emb", schema, seed=5),
         "lazy": make_lora(root / "lazy", schema, seed=6, head="SEQ_CLS", num_labels=2),
         "victim": make_lora(root / "victim", schema, seed=7, head="SEQ_CLS", num_labels=2),
@@ -70,7 +74,7 @@ def engine(adapter_dirs):
     from serving import Engine
 
     eng = Engine.from_pretrained(str(minilm_path()), max_slots=16)
-    for name in ("cls-a", "cls-b", "ml", "ner", "emb", "late", "ver-1", "ver-2", "ver-3"):
+    for name in ("cls-a", "cls-b", "ml", "ner", "ner-b", "emb", "late", "ver-1", "ver-2", "ver-3"):
         eng.load_adapter(name, adapter_dirs[name])
     return eng
 
@@ -89,25 +93,28 @@ def server(adapter_dirs, store_root):
     from serving.app import build_app
 
     port = _free_port()
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    from serving.app import start_local_ray
+
+    start_local_ray(4, log_to_driver=False, _system_config={"metrics_report_interval_ms": 500})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        static = ("cls-a", "cls-b", "ml", "ner", "emb", "lazy", "victim")
+        static = ("cls-a", "cls-b", "ml", "ner", "ner-b", "emb", "lazy", "victim")
         served = {k: str(v) for k, v in adapter_dirs.items() if k in static}
         main = build_app({"max_batch_size": 16, "batch_wait_timeout_s": 0.15, "max_ongoing_requests": 32,
                           "max_queued_requests": 64, "num_threads": 2, "num_cpus": 1, "max_slots": 8,
-                          "admin_api_key": ADMIN_KEY, "adapters": served, "max_items": 64,
-                          "max_body_bytes": 200_000, "store_root": str(store_root), "store_ttl_s": 0.2})
+                          "admin_api_key": ADMIN_KEY, "adapters": served, "max_items": 64, "max_models": 8,
+                          "max_body_bytes": 200_000, "store_root": str(store_root), "store_ttl_s": 0.2,
+                          "metrics_push_s": 0.1})
         serve.run(main, name="polyhead", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+        wait_ready(url)
         yield url
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def _wait_ready(url: str, timeout: float = 90) -> None:
+def wait_ready(url: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -128,3 +135,68 @@ def client(server):
 @pytest.fixture
 def admin_headers():
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+# /metrics ---------------------------------------------------------------------------------------
+
+Samples = dict[tuple, float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """(sample name, sorted label items) -> value, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(m: Samples, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(m: Samples, name: str, **labels) -> float:
+    """The sum of `name` over every label combination that has `labels` (e.g. over replicas)."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in m.items() if n == name and want <= set(lab))
+
+
+def scrape(client, prefix: str = "") -> Samples:
+    r = client.get(prefix + "/metrics")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    return parse_metrics(r.text)
+
+
+def metrics(client, prefix: str = "", settle_s: float = 0.35, timeout: float = 30) -> Samples:
+    """GET /metrics once every replica's latest values reached the hub: two answers settle_s apart agree
+    (replicas push every 0.1 s here; /metrics itself changes no series). While the hub starts, /metrics
+    answers 503: retried."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            now = scrape(client, prefix)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            now = None
+        if now is not None and (now == last or time.monotonic() > deadline):
+            return now
+        last = now
+        time.sleep(settle_s)
+
+
+def wait_for(check: Callable[[], object], timeout: float = 20, every: float = 0.3):
+    """check() until it returns something truthy (or raises no AssertionError); its last failure after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out = check()
+            if out:
+                return out
+            failure = AssertionError(f"{check} returned {out!r}")
+        except AssertionError as exc:
+            failure = exc
+        if time.monotonic() > deadline:
+            raise failure
+        time.sleep(every)

@@ -178,6 +178,36 @@ def test_registry_resolves_static_latest_and_pinned_and_picks_up_new_versions(tm
     assert [r.version for r in reg.remove("st")] == [None]
 
 
+def test_registry_tells_missing_from_broken_by_looking_not_by_the_message(tmp_path):
+    """Whatever the store's error says, a name it does not publish is UnknownAdapter (404) and one it
+    publishes but cannot read stays an AdapterError (422): a reworded message cannot change a status."""
+    from adapters_store import AdapterError, AdapterStore, BaseSchema
+    from serving.app.routing import Registry, UnknownAdapter
+    from tests.adapter_factory import make_lora
+    from tests.conftest import minilm_path
+
+    schema = BaseSchema.from_config_dir(minilm_path())
+    store = AdapterStore(tmp_path / "store")
+    store.add("there", make_lora(tmp_path / "one", schema, seed=1, head="SEQ_CLS", num_labels=2), schema=schema)
+
+    def reworded(ref, **_):
+        raise AdapterError("something went wrong (reworded)")
+
+    store.resolve = reworded
+    reg = Registry(store, ttl_s=0)
+    for ref in ("missing", "missing@1", "there@2"):
+        with pytest.raises(UnknownAdapter):
+            reg.resolve(ref)
+    for ref in ("there", "there@1"):
+        with pytest.raises(AdapterError) as err:
+            reg.resolve(ref)
+        assert not isinstance(err.value, UnknownAdapter)
+    store.remove = lambda name, version=None: reworded(name)
+    assert reg.remove("missing") == []
+    with pytest.raises(AdapterError):
+        reg.remove("there")
+
+
 # deploy/ ----------------------------------------------------------------------------------------
 
 DEPLOY = ROOT / "deploy"
@@ -228,21 +258,199 @@ def test_rayservice_serve_config_is_a_valid_ray_serve_config_and_app_config():
     assert any(cfg.store_root.startswith(m) for m in mounts)  # the store is on the shared volume
 
 
-def test_grafana_dashboard_shows_every_app_metric_and_prometheus_scrapes_app_and_nodes():
+def test_grafana_dashboard_shows_every_app_metric_from_either_source_and_prometheus_scrapes_app_and_nodes():
     import json
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from serving.app.metrics import AppMetrics
+    from serving.app.metrics import ALL_SERIES
 
     dash = json.loads((DEPLOY / "grafana" / "polyhead-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
-    families = {f.name for f in text_string_to_metric_families(AppMetrics().exposition().decode())
-                if not f.name.endswith("_created")}  # prometheus_client's creation-time gauges
-    assert len(families) >= 12
-    missing = [f for f in families if f not in exprs]
+    assert len(ALL_SERIES) >= 12
+    # ${prefix} is `polyhead` (the app's /metrics) or `ray_polyhead` (Ray's per-node export)
+    missing = [name for name in ALL_SERIES if "${prefix}" + name.removeprefix("polyhead") not in exprs]
     assert not missing, f"metrics without a dashboard panel: {missing}"
+    (prefix,) = [v for v in dash["templating"]["list"] if v["name"] == "prefix"]
+    assert {o["value"] for o in prefix["options"]} == {"polyhead", "ray_polyhead"}
+    assert "polyhead_" not in exprs.replace("${prefix}", ""), "a series named without ${prefix}"
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
     assert jobs["polyhead-app"]["metrics_path"] == "/metrics"
     assert "kubernetes_sd_configs" in jobs["ray-nodes-k8s"]
+
+
+# metrics: one recorder, two destinations; the hub's sum over replicas ------------------------------
+
+def _recorders():
+    from serving.app.metrics import INGRESS_SERIES, MODEL_SERIES, Recorder
+
+    return Recorder(INGRESS_SERIES, ray_export=False), Recorder(MODEL_SERIES, ray_export=False)
+
+
+def test_recorder_writes_prometheus_client_and_forgets_a_deleted_adapter():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ingress, _ = _recorders()
+    ingress.rows.labels("classify", "a").inc()
+    ingress.rows.labels("tag", "a").inc(2)
+    ingress.rows.labels("classify", "b").inc()
+    ingress.errors.labels("classify", "a", "wrong_task").inc()
+    ingress.latency.labels("classify").observe(0.2)
+    text = ingress.exposition().decode()
+    rows = {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "polyhead_rows_total"}
+    assert rows == {(("adapter", "a"), ("route", "classify")): 1, (("adapter", "a"), ("route", "tag")): 2,
+                    (("adapter", "b"), ("route", "classify")): 1}
+    assert ingress.forget_adapter("a") == 3
+    assert "\"a\"" not in ingress.exposition().decode() and 'adapter="b"' in ingress.exposition().decode()
+    assert not [k for k in ingress.values() if k[1].endswith("_created")]
+
+
+def test_recorder_writes_ray_serve_metrics_too():
+    from serving.app.metrics import INGRESS_SERIES, Recorder
+
+    calls = []
+
+    class FakeRay:
+        def inc(self, value, tags):
+            calls.append(("inc", value, tags))
+
+        def observe(self, value, tags):
+            calls.append(("observe", value, tags))
+
+    rec = Recorder(INGRESS_SERIES, ray_export=False)
+    for instrument in rec.instruments.values():
+        instrument._ray = FakeRay()
+    rec.requests.labels("classify", 200).inc()
+    rec.latency.labels("classify").observe(0.5)
+    rec.rows.labels("tag", "ner").inc(0)  # nothing: Ray refuses 0, a counter never goes down
+    assert calls == [("inc", 1.0, {"route": "classify", "code": "200"}), ("observe", 0.5, {"route": "classify"})]
+
+
+def test_hub_sums_every_replica_and_drops_the_gauges_of_silent_ones():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.app.hub import merge, render
+
+    (in1, m1), (in2, m2) = _recorders(), _recorders()
+    for rec, n in ((in1, 2), (in2, 3)):
+        rec.requests.labels("classify", "200").inc(n)
+        rec.rows.labels("classify", "a").inc(n)
+    for rec, sizes in ((m1, (4, 8)), (m2, (16,))):
+        for size in sizes:
+            rec.batch_size.observe(size)
+        rec.max_slots.set(8)
+    merged = render(merge([("Ingress", in1.values(), True), ("Ingress", in2.values(), True),
+                           ("ModelServer", m1.values(), True), ("ModelServer", m2.values(), False)]))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(merged.decode()) for s in f.samples}
+    assert samples[("polyhead_requests_total", (("code", "200"), ("route", "classify")))] == 5
+    assert samples[("polyhead_rows_total", (("adapter", "a"), ("route", "classify")))] == 5
+    assert samples[("polyhead_batch_size_count", ())] == 3 and samples[("polyhead_batch_size_sum", ())] == 28
+    assert samples[("polyhead_batch_size_bucket", (("le", "8.0"),))] == 2
+    assert samples[("polyhead_max_slots", ())] == 8  # the silent replica's gauge is not counted
+    assert samples[("polyhead_metrics_sources", (("deployment", "Ingress"),))] == 2
+    assert samples[("polyhead_metrics_sources", (("deployment", "ModelServer"),))] == 1
+
+
+def test_hub_protocol_epochs_late_pushes_and_deleted_adapters():
+    from serving.app.hub import MetricsHub
+
+    hub = MetricsHub()  # what the actor runs, in-process
+    ingress, _ = _recorders()
+    ingress.rows.labels("classify", "a").inc()
+    ingress.rows.labels("classify", "b").inc()
+    stale = ingress.values()
+    ingress.rows.labels("classify", "b").inc()
+    epoch, ok, news = hub.push("i1", "Ingress", None, 2, ingress.values(), True, 15.0, 0)
+    assert ok and news == []
+    assert hub.push("i1", "Ingress", None, 1, stale, True, 15.0, 0)[1]  # a late push (timed out): ignored
+    assert 'adapter="b",route="classify"} 2.0' in hub.exposition().decode()
+    assert hub.push("i1", "Ingress", "stale", 3, {}, False, 15.0, 0)[1] is False  # a new hub: resend everything
+    hub.forget_adapter("a")  # deleted through another replica
+    text = hub.exposition().decode()
+    assert 'adapter="a"' not in text and 'adapter="b"' in text
+    # i1 still has "a": its values for it are ignored, and it learns to drop them
+    ingress.rows.labels("classify", "a").inc()
+    _, ok, news = hub.push("i1", "Ingress", epoch, 4, ingress.values(), False, 15.0, 0)
+    assert ok and news == ["a"] and 'adapter="a"' not in hub.exposition().decode()
+
+
+# readiness, without Ray -----------------------------------------------------------------------
+
+class _Response:
+    """A DeploymentResponse stand-in: awaitable, cancellable."""
+
+    def __init__(self, value=None, hang=False):
+        self.value, self.hang, self.cancelled = value, hang, False
+
+    def __await__(self):
+        if self.hang:
+            yield from asyncio_sleep_forever().__await__()
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
+
+
+async def asyncio_sleep_forever():
+    import asyncio
+
+    await asyncio.sleep(3600)
+
+
+def _ready_ingress(answer):
+    ingress = _ingress(None)
+    ingress.cfg = ServeConfig(ready_timeout_s=0.2)
+    ingress._info, ingress.shutting_down, ingress.drain_requested = None, False, False
+    ingress.model = SimpleNamespace(info=SimpleNamespace(remote=lambda: answer))
+    return ingress
+
+
+def _ready(ingress):
+    import asyncio
+    import json
+
+    out = asyncio.run(ingress.ready())
+    if isinstance(out, dict):
+        return 200, out
+    return out.status_code, json.loads(out.body)["error"]["code"]
+
+
+def test_ready_is_503_while_the_base_loads_or_anything_drains():
+    import asyncio
+
+    info = {"max_tokens": 512, "draining": False}
+    assert _ready(_ready_ingress(_Response(info))) == (200, {"status": "ready"})
+    loading = _Response(hang=True)
+    assert _ready(_ready_ingress(loading)) == (503, "not_ready") and loading.cancelled
+    busy = _ready_ingress(_Response(hang=True))
+    busy._info = info  # it answered before: now only too busy to answer within ready_timeout_s
+    assert _ready(busy)[0] == 200
+    assert _ready(_ready_ingress(_Response(dict(info, draining=True)))) == (503, "draining")  # model replica stops
+    ingress = _ready_ingress(_Response(info))
+    asyncio.run(ingress.__del__())  # Serve stops this ingress replica (@serve.ingress's __del__ calls ours)
+    assert _ready(ingress) == (503, "draining")
+    ingress = _ready_ingress(_Response(info))
+    ingress.reconfigure({"draining": True})
+    assert _ready(ingress) == (503, "draining")
+    ingress.reconfigure({"draining": False})
+    assert _ready(ingress)[0] == 200
+    for bad in ({"draining": "yes"}, {"drain": True}):
+        with pytest.raises(ValueError):
+            ingress.reconfigure(bad)
+
+
+def test_ready_maps_a_full_queue_and_an_unavailable_model():
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    full = BackPressureError(num_queued_requests=9, max_queued_requests=8)
+    assert _ready(_ready_ingress(_Response(full))) == (503, "not_ready")  # never answered yet: warming up
+    busy = _ready_ingress(_Response(full))
+    busy._info = {"max_tokens": 512}
+    assert _ready(busy)[0] == 200  # up and busy: the excess gets 429s
+    from ray.serve._private.common import DeploymentID
+
+    gone = DeploymentUnavailableError(DeploymentID(name="ModelServer", app_name="polyhead"))
+    assert _ready(_ready_ingress(_Response(gone))) == (503, "unavailable")

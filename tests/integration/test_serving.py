@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import asyncio
-import math
+import statistics
+import time
 
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving import Request
 from serving.app.tagging import merge_entities
+
+from .conftest import metrics, sample
 
 TEXTS = ["the cat sat on the mat", "Ada Lovelace lived in London", "polyhead serves many adapters at once",
          "short", "a somewhat longer sentence, with punctuation; and more words than the others have"]
@@ -25,22 +27,21 @@ def close(served, expected, atol=2e-4):
     torch.testing.assert_close(torch.tensor(served, dtype=torch.float32), expected, atol=atol, rtol=1e-4)
 
 
-def metrics(client) -> dict[tuple, float]:
-    r = client.get("/metrics")
-    assert r.status_code == 200
-    out = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+def expected_entities(engine, adapter, text):
+    """The entities /v1/tag should give: the engine's row alone, argmax tags merged with the tokenizer's offsets."""
+    res = alone(engine, adapter, text)
+    probs = torch.softmax(res.logits, -1)
+    enc = engine.tokenizer(text, return_offsets_mapping=True)
+    return merge_entities([res.labels[i] for i in probs.argmax(-1).tolist()], probs.max(-1).values.tolist(),
+                          enc["offset_mapping"], text)
 
 
-def sample(m, name, **labels):
-    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+def spans(entities):
+    return [(e["entity"], e["start"], e["end"], e["word"]) for e in entities]
 
 
 async def _post_all(base_url, calls):
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=httpx.Limits(max_connections=None)) as c:
         return await asyncio.gather(*[c.post(path, json=body) for path, body in calls])
 
 
@@ -74,11 +75,14 @@ def test_concurrent_rows_for_different_adapters_share_a_batch_and_equal_the_engi
 
 
 def test_one_request_with_several_models_and_inputs(client, engine):
-    body = {"model": ["cls-a", "ml"], "input": TEXTS[:3], "threshold": 0.5}
+    """Multi-task: one result per input and named adapter (softmax and multi-label heads side by side),
+    each what the engine gives for that row alone."""
+    models = ("cls-a", "ml", "cls-b")
+    body = {"model": list(models), "input": TEXTS[:3], "threshold": 0.5}
     r = client.post("/v1/classify", json=body)
     assert r.status_code == 200, r.text
     data = r.json()["data"]
-    assert [(d["index"], d["model"]) for d in data] == [(i, m) for i in range(3) for m in ("cls-a", "ml")]
+    assert [(d["index"], d["model"]) for d in data] == [(i, m) for i in range(3) for m in models]
     for d in data:
         res = alone(engine, d["model"], TEXTS[d["index"]])
         close(d["logits"], res.logits)
@@ -97,17 +101,23 @@ def test_tag_merges_bio_tags_with_character_offsets(client, engine):
     r = client.post("/v1/tag", json={"model": "ner", "input": [text]})
     assert r.status_code == 200, r.text
     (item,) = r.json()["data"]
-    res = alone(engine, "ner", text)
-    probs = torch.softmax(res.logits, -1)
-    enc = engine.tokenizer(text, return_offsets_mapping=True)
-    expected = merge_entities([res.labels[i] for i in probs.argmax(-1).tolist()], probs.max(-1).values.tolist(),
-                              enc["offset_mapping"], text)
-    assert [(e["entity"], e["start"], e["end"], e["word"]) for e in item["entities"]] == \
-           [(e["entity"], e["start"], e["end"], e["word"]) for e in expected]
+    expected = expected_entities(engine, "ner", text)
+    assert spans(item["entities"]) == spans(expected)
     assert expected, "the random NER adapter should tag something (else this test checks little)"
     for e in item["entities"]:
         assert e["entity"] in {"PER", "LOC"} and text[e["start"]:e["end"]] == e["word"]
         assert 0 < e["score"] <= 1
+
+
+def test_tag_with_several_taggers_gives_one_result_per_input_and_adapter(client, engine):
+    texts = ["Ada Lovelace met Charles Babbage in London.", "Grace Hopper lived in Arlington, Virginia."]
+    r = client.post("/v1/tag", json={"model": ["ner", "ner-b"], "input": texts})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [(d["index"], d["model"]) for d in data] == [(i, m) for i in range(2) for m in ("ner", "ner-b")]
+    found = [spans(d["entities"]) for d in data]
+    assert found == [spans(expected_entities(engine, d["model"], texts[d["index"]])) for d in data]
+    assert found[0] != found[1], "two different taggers on one text should differ (else this checks little)"
 
 
 def test_openai_client_gets_the_engines_embeddings(server, engine):
@@ -148,9 +158,15 @@ def test_metrics_count_what_was_sent(client):
     assert delta("polyhead_rows_total", route="classify", adapter="cls-b") == 3
     assert delta("polyhead_errors_total", route="classify", adapter="unknown", type="adapter_not_found") == 1
     assert delta("polyhead_request_seconds_count", route="classify") == 4
+    assert delta("polyhead_queue_seconds_count", route="classify") == 3  # the rows that ran in a batch
+    assert delta("polyhead_batch_size_sum") == 3  # the model replica's batches held exactly these rows
     assert delta("polyhead_batch_size_count") >= 1 and delta("polyhead_batch_compute_seconds_count") >= 1
+    assert delta("polyhead_forwards_total") >= 1
     assert sample(after, "polyhead_resident_slots") >= 1
     assert sample(after, "polyhead_max_slots") == 8
+    assert sample(after, "polyhead_metrics_sources", deployment="Ingress") == 1
+    assert sample(after, "polyhead_metrics_sources", deployment="ModelServer") == 1
+    assert not [k for k in after if ("adapter", "no-such-adapter") in k[1]]  # unknown names make no series
 
 
 def test_concurrent_first_requests_load_an_adapter_once(server, client):
@@ -177,6 +193,7 @@ def test_adapter_added_through_admin_is_served_without_restart(client, engine, a
 
 def test_deleting_an_adapter_in_use_does_not_break_running_requests(server, client, admin_headers):
     assert client.post("/v1/classify", json={"model": "victim", "input": "warm"}).status_code == 200
+    assert sample(metrics(client), "polyhead_rows_total", route="classify", adapter="victim") >= 1
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server, timeout=60) as c:
@@ -198,18 +215,73 @@ def test_deleting_an_adapter_in_use_does_not_break_running_requests(server, clie
     assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
     assert client.delete("/v1/adapters/victim", headers=admin_headers).status_code == 404
     assert client.post("/v1/classify", json={"model": "cls-a", "input": "still serving"}).status_code == 200
+    after = metrics(client)  # a deleted adapter is no longer reported (prometheus-client's remove())
+    assert not [k for k in after if ("adapter", "victim") in k[1]], [k for k in after if "victim" in str(k)]
+    assert sample(after, "polyhead_adapter_unloads_total") >= 1
 
 
-def test_overload_answers_503_json_with_retry_after(server, client):
-    big = {"model": "cls-a", "input": [f"row {i} " + TEXTS[i % 5] for i in range(64)]}  # 64 rows each
-    responses = asyncio.run(_post_all(server, [("/v1/classify", big)] * 4))  # 256 rows > 32 ongoing + 64 queued
-    codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 503} and 503 in codes, codes
-    for r in responses:
-        if r.status_code == 503:
+def test_a_flood_beyond_the_queue_is_shed_with_429_json_quickly_while_accepted_requests_succeed(server, client,
+                                                                                             engine):
+    """40 requests of 8 rows (320 rows) against 32 ongoing + 64 queued rows at the model: requests with a row
+    beyond the queue answer 429 at once (their other rows are cancelled); the others are served correctly."""
+    texts = [f"flood {i}: " + TEXTS[i % len(TEXTS)] for i in range(8)]
+    expected = [alone(engine, "cls-a", t).logits for t in texts]
+    assert client.post("/v1/classify", json={"model": "cls-a", "input": "warm"}).status_code == 200
+    before = metrics(client)
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=server, timeout=60, limits=httpx.Limits(max_connections=None)) as c:
+            async def one():
+                start = time.perf_counter()
+                r = await c.post("/v1/classify", json={"model": "cls-a", "input": texts})
+                return r, time.perf_counter() - start
+            return await asyncio.gather(*[one() for _ in range(40)])
+
+    results = asyncio.run(flood())
+    codes = [r.status_code for r, _ in results]
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, \
+        [(r.status_code, r.text[:300]) for r, _ in results if r.status_code != 200]
+    shed = [s for r, s in results if r.status_code == 429]
+    served = [s for r, s in results if r.status_code == 200]
+    for r, _ in results:
+        if r.status_code == 429:
             assert r.headers["retry-after"] == "1"
-            assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "overloaded_error"
+            assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "rate_limit_error",
+                                         "code": "overloaded"}
+        else:
+            for item, logits in zip(r.json()["data"], expected):
+                close(item["logits"], logits)
+    print(f"flood: {len(shed)} shed (median {statistics.median(shed):.3f} s, max {max(shed):.3f} s), "
+          f"{len(served)} served (median {statistics.median(served):.3f} s, max {max(served):.3f} s)")
+    # shed without waiting for the model: refusals come back sooner than accepted requests are served
+    assert statistics.median(shed) < statistics.median(served) and max(shed) < max(served)
+    after = metrics(client)
+    assert sample(after, "polyhead_requests_total", route="classify", code="429") - \
+           sample(before, "polyhead_requests_total", route="classify", code="429") == len(shed)
+    assert sample(after, "polyhead_errors_total", route="classify", adapter="none", type="overloaded") - \
+           sample(before, "polyhead_errors_total", route="classify", adapter="none", type="overloaded") == len(shed)
     assert client.post("/v1/classify", json={"model": "cls-a", "input": "after the storm"}).status_code == 200
+
+
+def test_an_operator_drain_makes_ready_503_while_requests_are_still_served(client):
+    """What `user_config: {draining: true}` on the Ingress deployment does (Serve calls reconfigure on every
+    replica); here called through a handle on this app's one Ingress replica."""
+    from ray import serve
+
+    ingress = serve.get_deployment_handle("Ingress", app_name="polyhead")
+    ingress.reconfigure.remote({"draining": True}).result()
+    try:
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "draining" and r.json()["error"]["type"] == "overloaded_error"
+        assert client.get("/health").status_code == 200
+        assert client.post("/v1/classify", json={"model": "cls-a", "input": "still served"}).status_code == 200
+    finally:
+        ingress.reconfigure.remote({"draining": False}).result()
+    assert client.get("/ready").status_code == 200
+    with pytest.raises(Exception, match="unknown keys"):
+        ingress.reconfigure.remote({"drain": True}).result()
+    assert client.get("/ready").status_code == 200
 
 
 def _logits(client, model, text):

@@ -1,0 +1,190 @@
+"""`make serve` exposes nothing beyond 127.0.0.1: every listening socket of its Ray processes is loopback.
+
+An open Ray port (dashboard, job API, GCS/raylet/worker gRPC) runs arbitrary code (CVE-2023-48022).
+This starts the server exactly as `make serve` does (`python -m serving.cli serve --config ...`, with
+deploy/serve_config.yaml on a free port), reads the listening TCP sockets of the whole process tree from
+/proc (Linux), then stops it with SIGINT (Ctrl-C) and checks that Ray's processes went with it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TCP_LISTEN = "0A"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from Linux /proc")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4; the command name may hold spaces
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def process_tree(root: int) -> list[int]:
+    kids, out, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    found = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[len("socket:["):-1]))
+    return found
+
+
+def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(hex_addr)  # /proc stores each 32-bit word in host (little-endian) order
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(words)
+
+
+def listening_sockets() -> dict[int, tuple[str, int]]:
+    """inode -> (address, port) of every listening TCP socket in this network namespace."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != TCP_LISTEN:
+                continue
+            addr, port = fields[1].split(":")
+            out[int(fields[9])] = (str(_address(addr)), int(port, 16))
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1, an IPv4 loopback bind on a dual-stack socket
+    return ip.is_loopback
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()[:120]
+    except OSError:
+        return "?"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _serve_config(tmp_path: Path, port: int) -> Path:
+    """deploy/serve_config.yaml on a free port, its adapter paths made absolute, a small replica."""
+    deploy = ROOT / "deploy"
+    raw = yaml.safe_load((deploy / "serve_config.yaml").read_text())
+    raw["http_options"]["port"] = port
+    args = raw["applications"][0]["args"]
+    args.update(port=port, num_threads=1, num_cpus=1)
+    args["adapters"] = {name: str((deploy / path).resolve()) for name, path in (args.get("adapters") or {}).items()}
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_make_serve_listens_on_loopback_only_and_stops_with_ray(tmp_path):
+    port = _free_port()
+    config = _serve_config(tmp_path, port)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{_tail(tmp_path)}"
+            if "polyhead: serving" in _tail(tmp_path):  # printed once serve.run has returned
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            assert time.monotonic() < deadline, f"/ready not 200 within 240 s:\n{_tail(tmp_path)}"
+            time.sleep(0.5)
+
+        tree = process_tree(proc.pid)
+        sockets = listening_sockets()
+        seen, public = [], []
+        for pid in tree:
+            for inode in _socket_inodes(pid):
+                if inode in sockets:
+                    addr, sport = sockets[inode]
+                    seen.append((addr, sport))
+                    if not is_loopback(addr):
+                        public.append(f"{addr}:{sport} pid {pid} {_command(pid)}")
+        commands = " ".join(_command(pid) for pid in tree)
+        assert "gcs_server" in commands and "raylet" in commands, f"Ray's processes not found under {proc.pid}"
+        assert ("127.0.0.1", port) in seen, f"the HTTP port {port} is not among the sockets found: {seen}"
+        assert len(seen) >= 6, f"too few listening sockets found to mean anything: {seen}"
+        assert not public, "Ray listens beyond loopback:\n  " + "\n  ".join(public)
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=90) == 0, _tail(tmp_path)
+        assert "polyhead: shutting down" in _tail(tmp_path)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [f"{pid} {_command(pid)}" for pid in tree if _alive(pid)]
+        assert not left, "still running after Ctrl-C:\n  " + "\n  ".join(left)
+    finally:
+        if proc.poll() is None:  # a failure above: end what this test started, and only that
+            names = {pid: _command(pid) for pid in tree or process_tree(proc.pid)}
+            for pid, name in names.items():
+                if _alive(pid) and _command(pid) == name:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            proc.wait(timeout=30)
+        log.close()
+
+
+def _tail(tmp_path: Path) -> str:
+    return (tmp_path / "serve.log").read_text()[-3000:]
