@@ -89,7 +89,7 @@ class ModelServer:
         load_s, key, loaded = None, None, None
         if ref is not None:
             try:
-                found = await asyncio.to_thread(self.registry.resolve, ref)
+                found = self.registry.cached(ref) or await asyncio.to_thread(self.registry.resolve, ref)
                 key = found.key
                 load_s = await self._ensure_loaded(found)
             except LookupError:

@@ -94,6 +94,18 @@ class Registry:
         self._static: dict[str, Source] = dict(static or {})
         self._cache: dict[str, tuple[Resolved, float]] = {}  # ref -> (resolved, expires at)
 
+    def cached(self, ref: str) -> Resolved | None:
+        """`ref` resolved without touching the store (static, or a fresh cache entry), else None.
+
+        The hot path: a replica resolves every row, and a thread hop per row costs more than the lookup.
+        """
+        with self._lock:
+            static = self._static.get(ref)
+            if static is not None:
+                return Resolved(ref, ref, None, static.path, static.labels, engine_key(ref, None))
+            hit = self._cache.get(ref)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
     def resolve(self, ref: str, *, fresh: bool = False) -> Resolved:
         """UnknownAdapter if nothing is registered under `ref`; AdapterError if the store entry is unusable."""
         try:
