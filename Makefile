@@ -26,6 +26,8 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
+	$(PY) benchmarks/mixed_kinds.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV)

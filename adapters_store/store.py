@@ -2,7 +2,7 @@
 
 Layout, the same on a local disk and on an fsspec object store:
 
-    <root>/<name>/<version>/adapter_config.json, adapter_model.safetensors, [config.json], polyhead.json
+    <root>/<name>/<version>/<the format's files (FORMAT_FILES)>, polyhead.json
     <root>/<name>/<version>.removed     a removed version: its number is never handed out again
     <root>/.tmp/                        local disks: staging and deletion area, ignored by readers
 
@@ -38,7 +38,11 @@ COMMIT_FILE = "COMMITTED"
 TMP_DIR = ".tmp"
 REMOVED_SUFFIX = ".removed"
 # files each format uses: (required, optional); nothing else is ever stored or downloaded
-FORMAT_FILES = {"peft": (("adapter_config.json", "adapter_model.safetensors"), ("config.json",))}
+# per format: (files every adapter has, files stored when present)
+FORMAT_FILES = {
+    "peft": (("adapter_config.json", "adapter_model.safetensors"), ("config.json",)),
+    "adapterhub": ((), ("adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors")),
+}
 STORED_FILES = frozenset(f for req, opt in FORMAT_FILES.values() for f in req + opt)
 VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 ENTRY_RE = re.compile(r"([1-9][0-9]{0,17})(\.removed)?")

@@ -17,7 +17,7 @@ import pytest
 
 from adapters_store import AdapterError, AdapterStore, AdapterVersion, BaseSchema
 from adapters_store import store as store_module
-from tests.adapter_factory import make_lora
+from tests.adapter_factory import make_bottleneck, make_lora
 from tests.conftest import minilm_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +105,24 @@ def test_only_the_formats_files_are_stored(tmp_path, schema):
     v = AdapterStore(tmp_path / "store").add("x", src, schema=schema)
     assert sorted(p.name for p in v.path.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "config.json", "polyhead.json"]
+
+
+def test_adapterhub_folders_are_stored_with_their_own_files(tmp_path, schema):
+    src = make_bottleneck(tmp_path / "bn", schema, seed=1, head="classification", num_labels=2)
+    (src / "pytorch_adapter.txt").write_text("not stored")
+    store = AdapterStore(tmp_path / "store")
+    v = store.add("bn", src, schema=schema)
+    assert sorted(p.name for p in v.path.iterdir()) == [
+        "adapter.safetensors", "adapter_config.json", "head_config.json", "model_head.safetensors", "polyhead.json"]
+    meta = json.loads((v.path / "polyhead.json").read_text())
+    assert meta["format"] == "adapterhub" and meta["kind"] == "bottleneck"
+    head_only = tmp_path / "head"
+    head_only.mkdir()
+    for f in ("head_config.json", "model_head.safetensors"):
+        (head_only / f).write_bytes((src / f).read_bytes())
+    h = store.add("head", head_only, schema=schema)
+    assert sorted(p.name for p in h.path.iterdir()) == ["head_config.json", "model_head.safetensors", "polyhead.json"]
+    assert json.loads((store.resolve("head").path / "polyhead.json").read_text())["kind"] == "head"
 
 
 def test_labels_stored_and_returned(tmp_path, schema):

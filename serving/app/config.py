@@ -32,6 +32,8 @@ class ServeConfig(BaseModel):
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
     max_slots: int = Field(64, ge=1)
     max_rank: int = Field(64, ge=1)
+    max_virtual_tokens: int = Field(128, ge=1)  # prompt/prefix tuning lengths an adapter may have
+    max_bottleneck: int = Field(256, ge=1)  # AdapterHub bottleneck size an adapter may have
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)

@@ -54,7 +54,9 @@ class ModelServer:
         self.cfg = cfg
         torch.set_num_threads(cfg.num_threads)  # Ray sets OMP_NUM_THREADS=1 in replicas
         self.engine = Engine.from_pretrained(cfg.resolved_base_dir(), device=cfg.device, dtype=cfg.dtype,
-                                             max_slots=cfg.max_slots, max_rank=cfg.max_rank)
+                                             max_slots=cfg.max_slots, max_rank=cfg.max_rank,
+                                             max_virtual_tokens=cfg.max_virtual_tokens,
+                                             max_bottleneck=cfg.max_bottleneck)
         if cfg.store_root is None:  # registrations of this replica only, deleted with it
             self._tmp_store = tempfile.TemporaryDirectory(prefix="polyhead-store-")
             store = AdapterStore(self._tmp_store.name)
