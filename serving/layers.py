@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .batch import BatchPlan
-from .slots import Ia3Slots, LoraSlots, fuse_storage
+from .slots import Ia3Slots, LoraSlots, VirtualTokenSlots, fuse_storage
 
 # BatchPlan groups: the engine gives each slot the group of its adapter's kind, so each kind's rows
 # form one contiguous range (plan.ranges) that a layer treats as one slice.
@@ -49,6 +49,7 @@ class ForwardState:
     ia3: dict[str, Ia3Slots] = field(default_factory=dict)
     ia3_rows: tuple[int, int, torch.Tensor] | None = None  # IA3 rows of this forward: row0, row1, slot per row
     prefix_rows: tuple[int, torch.Tensor, torch.Tensor] | None = None  # row0, slot per row, prefix length per row
+    prefix_slots: VirtualTokenSlots | None = None  # the pool's prefix stack, once an adapter has one
     groups: dict[str, ShrinkGroup] = field(default_factory=dict)  # module -> its group, when it has one
     learning: bool = True
     _inputs: list[tuple[torch.Tensor, list[str]]] = field(default_factory=list)
@@ -126,20 +127,46 @@ def attach_linear(name: str, module: nn.Module, state: ForwardState) -> None:
         rows = state.ia3_rows if ia3 is not None else None
         x2 = x.reshape(-1, d_in)  # [N, d_in]
         tpr = x2.shape[0] // plan.num_rows
-        x_in = x
-        if rows is not None and any(ia3.on_input[s] for s in plan.row_slots[rows[0]:rows[1]]):
-            x_in = x2.clone()
-            _scale_rows(x_in, ia3.vin, rows, tpr)
-            x_in = x_in.view(x.shape)
-        if lora is None:
-            y = base_forward(x_in)
-        else:
+        scale_input = rows is not None and any(ia3.on_input[s] for s in plan.row_slots[rows[0]:rows[1]])
+        if lora is not None:
+            x_in = _scaled_input(x2, ia3.vin, rows, tpr).view(x.shape) if scale_input else x
             y = _lora_forward(name, lora, state, x, x_in, tpr, base_forward)
+        elif scale_input:
+            y = _ia3_input_linear(x2, weight, getattr(module, "bias", None), conv1d, ia3.vin, rows, tpr)
+            y = y.view(*x.shape[:-1], d_out)
+        else:
+            y = base_forward(x)
         if rows is not None and any(ia3.on_output[s] for s in plan.row_slots[rows[0]:rows[1]]):
             _scale_rows(y.view(-1, d_out), ia3.vout, rows, tpr)
         return y
 
     module.forward = forward
+
+
+def _scaled_input(x: torch.Tensor, vectors: torch.Tensor, rows: tuple[int, int, torch.Tensor], tpr: int):
+    """A copy of x [N, d] with the IA3 rows' tokens scaled by their vectors: one pass, no clone first."""
+    row0, row1, slots = rows
+    per_row = vectors.new_ones(x.shape[0] // tpr, x.shape[-1])  # [B, d]
+    per_row[row0:row1] = vectors.index_select(0, slots)
+    return (x.view(-1, tpr, x.shape[-1]) * per_row.unsqueeze(1)).view(x.shape)
+
+
+def _ia3_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
+                      vectors: torch.Tensor, rows: tuple[int, int, torch.Tensor], tpr: int) -> torch.Tensor:
+    """The base linear on x [N, d_in] where the IA3 rows' inputs are scaled first: the other rows' matmul
+    reads x in place, only the IA3 rows' inputs are copied (scaled). Returns [N, d_out]."""
+    row0, row1, slots = rows
+    W = weight if conv1d else weight.T  # [d_in, d_out]
+    t0, t1 = row0 * tpr, row1 * tpr
+    y = x.new_empty(x.shape[0], W.shape[1])
+    scaled = (x[t0:t1].view(row1 - row0, tpr, -1) * vectors.index_select(0, slots).unsqueeze(1)).view(t1 - t0, -1)
+    for a, b, inp in ((0, t0, x[:t0]), (t0, t1, scaled), (t1, x.shape[0], x[t1:])):
+        if b > a:
+            if bias is None:
+                torch.mm(inp, W, out=y[a:b])
+            else:
+                torch.addmm(bias, inp, W, out=y[a:b])
+    return y
 
 
 def _scale_rows(t: torch.Tensor, vectors: torch.Tensor, rows: tuple[int, int, torch.Tensor], tpr: int) -> None:
@@ -158,13 +185,8 @@ def _lora_forward(name: str, slots: LoraSlots, state: ForwardState, x: torch.Ten
     if slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments):
         y = base_forward(x_in)
         y2 = y.view(-1, d_out)
-        state.kernels.rescale_output(y2, _bias_of(slots), slots.G, plan, tpr)
+        state.kernels.rescale_output(y2, slots.bias, slots.G, plan, tpr)
         state.kernels.expand(y2, u, slots.B, plan, tpr)
         return y
-    weight = slots.weight
-    y2 = state.kernels.linear_expand(x_in.reshape(-1, d_in), weight, conv1d, u, slots.Bb, plan, tpr)
+    y2 = state.kernels.linear_expand(x_in.reshape(-1, d_in), slots.weight, conv1d, u, slots.Bb, plan, tpr)
     return y2.view(*x.shape[:-1], d_out)
-
-
-def _bias_of(slots: LoraSlots) -> torch.Tensor | None:
-    return slots.bias
