@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -102,7 +102,7 @@ class Engine:
                              self.schema.linears, self._on_new_slots, max_bottleneck=max_bottleneck,
                              prefix_shape=prefix_shape)
         self._specs: dict[str, AdapterSpec] = {}
-        self._bodies: dict[str, str | None] = {}  # adapter -> fingerprint of its body (None: head-only)
+        self._bodies: dict[str, str] = {}  # adapter -> fingerprint of its body, computed on first need
         self._lock = threading.RLock()
         self._workspace: dict = {}  # kernels' scratch buffers, reused by every forward (under the lock)
         self.forwards = 0
@@ -136,10 +136,9 @@ class Engine:
         spec = load_adapter_dir(path, self.schema, name=name, max_rank=self.max_rank, labels=labels,
                                 limits=self.limits)
         self._check_limits(spec, path)
-        body = _body_fingerprint(spec)
         with self._lock:
             self._specs[name] = spec
-            self._bodies[name] = body
+            self._bodies.pop(name, None)
             self.pool.drop(name)
             self.pool.release(self.pool.acquire([spec]).values())
         return spec
@@ -165,6 +164,12 @@ class Engine:
                 "loads": self.pool.loads, "evictions": self.pool.evictions, "forwards": self.forwards,
                 "body_rows": self.body_rows,
             }
+
+    def _fingerprint(self, name: str) -> str:
+        """The adapter's body fingerprint, computed once per load (callers hold the lock)."""
+        if name not in self._bodies:
+            self._bodies[name] = _body_fingerprint(self._specs[name])
+        return self._bodies[name]
 
     def _check_limits(self, spec: AdapterSpec, path) -> None:
         n = spec.num_virtual_tokens
@@ -304,9 +309,18 @@ class Engine:
                 bodies: dict[tuple, int] = {}
                 body_rows: list[tuple[_Row, int]] = []  # (row whose input it is, body slot)
                 body_of = []
+                inputs = Counter(tuple(r.ids) for r in live)
                 for r in live:
-                    fingerprint = self._bodies.get(r.name) if r.name is not None else None
-                    key = (tuple(r.ids), fingerprint)
+                    ids = tuple(r.ids)
+                    # the body's identity: none for the base and head-only adapters; a fingerprint only where
+                    # another row has the same input (hashing every adapter's weights at load would cost more)
+                    if r.name is None or not specs[r.name].has_body:
+                        fingerprint = None
+                    elif inputs[ids] > 1:
+                        fingerprint = self._fingerprint(r.name)
+                    else:
+                        fingerprint = ("adapter", r.name)
+                    key = (ids, fingerprint)
                     if key not in bodies:
                         bodies[key] = len(body_rows)
                         body_rows.append((r, slot_of[r.name] if fingerprint is not None else -1))
@@ -416,13 +430,11 @@ def _split_by_length(rows: list[_Row]) -> list[list[_Row]]:
     return [p for p in parts if p]
 
 
-def _body_fingerprint(spec: AdapterSpec) -> str | None:
-    """Identity of what an adapter changes in the body (not its head); None for a head-only adapter.
+def _body_fingerprint(spec: AdapterSpec) -> str:
+    """Identity of what an adapter changes in the body (not its head).
 
     Rows with one input and equal fingerprints run the body once and fan out to their heads.
     """
-    if not spec.has_body:
-        return None
     digest = hashlib.sha256()
 
     def add(*items) -> None:
