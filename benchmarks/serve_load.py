@@ -408,7 +408,7 @@ def main(argv=None) -> None:
     ap.add_argument("--overload-factor", type=int, default=4)
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process Engine.infer rows")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-s", type=float, default=0.01)
+    ap.add_argument("--batch-wait-s", type=float, default=0.05)
     ap.add_argument("--max-models", type=int, default=8, help="multiplexed: max_num_models_per_replica")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per model replica")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (smoke runs: a temp dir)")

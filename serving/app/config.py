@@ -35,7 +35,9 @@ class ServeConfig(BaseModel):
     max_virtual_tokens: int = Field(128, ge=1)  # prompt/prefix tuning lengths an adapter may have
     max_bottleneck: int = Field(256, ge=1)  # AdapterHub bottleneck size an adapter may have
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    # how long a batch waits for more rows while other rows are in flight (a row reaching an idle replica
+    # runs at once): longer waits form larger batches under load
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)
     # rows waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
     # unbounded (Ray's default). A request with a row beyond it answers 429 with Retry-After at once.

@@ -110,6 +110,10 @@ class ModelServer:
             return row_error("too_many_tokens", f"input has {len(row['input_ids'])} tokens, over the limit of "
                              f"{limit}{why}")
         generation = loaded.generation if loaded is not None else 0
+        # adaptive batch wait: a row reaching an idle replica runs at once; while other rows are in flight
+        # the batch waits up to batch_wait_timeout_s for more (under load rows arrive during the wait)
+        busy = any(self._inflight.values())
+        self._run_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s if busy else 0.0)
         self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the checks above: atomic
         try:
             out = await self._run_batch(dict(row, key=key, generation=generation))
