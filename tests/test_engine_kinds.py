@@ -10,15 +10,8 @@ from serving import Engine, Request
 
 from .adapter_factory import make_bottleneck, make_ia3, make_lora, make_prefix, make_prompt
 from .conftest import minilm_path
-
-INPUTS = [
-    [101, 7592, 2088, 102],
-    [101, 1996, 4937, 2938, 2006, 1996, 13523, 1012, 102],
-    [101, 2023, 2003, 1037, 2936, 6251, 2008, 2038, 2062, 19204, 2015, 1999, 2009, 1012, 102],
-    [101, 2748, 102],
-    [101, 2204, 2851, 2000, 2017, 2035, 102],
-]
-
+from .test_engine_mixed import SENTENCES as INPUTS
+from .test_engine_mixed import alone, assert_same
 
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory):
@@ -48,21 +41,6 @@ def engine(kinds):
     for name, path in kinds.items():
         eng.load_adapter(name, path)
     return eng
-
-
-def alone(eng, name, ids):
-    [res] = eng.infer([Request(adapter=name, input_ids=ids)])
-    assert res.error is None, f"{name}: {res.error}"
-    return res
-
-
-def assert_same(got, want, what):
-    assert got.error is None, f"{what}: {got.error}"
-    torch.testing.assert_close(got.embedding, want.embedding, atol=3e-5, rtol=1e-4, msg=lambda m: f"{what}: {m}")
-    if want.logits is None:
-        assert got.logits is None, what
-    else:
-        torch.testing.assert_close(got.logits, want.logits, atol=3e-5, rtol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
 def test_every_kind_changes_the_output(engine, kinds):
