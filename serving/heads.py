@@ -6,6 +6,8 @@ hidden state. Logits are raw (softmax/sigmoid belong to the HTTP layer).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from transformers.activations import get_activation
@@ -13,8 +15,11 @@ from transformers.activations import get_activation
 from .slots import HeadSlots
 
 
+@lru_cache(maxsize=None)
 def activation(name: str):
-    """An activation by the name AdapterHub configs use (transformers' names, plus "leakyrelu")."""
+    """An activation by the name AdapterHub configs use (transformers' names, plus "leakyrelu").
+
+    Cached: transformers builds a new module per lookup, and layers ask for it on every forward."""
     return F.leaky_relu if name == "leakyrelu" else get_activation(name)
 
 
