@@ -109,12 +109,16 @@ def run_wrk(url: str, prefix: str, texts, adapters, conc: int, duration: float, 
 
 
 def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, seed: int, tmp: Path | None = None,
-           model_header: bool = False) -> dict:
-    """The asyncio client in its own process (its CPU is its own); per-status latency percentiles."""
+           model_header: bool = False, honour_retry_after: bool = False) -> dict:
+    """The asyncio client in its own process (its CPU is its own); per-status latency percentiles.
+
+    honour_retry_after: a client answered 429/503 with Retry-After waits that long before its next request (as
+    the official openai client does); otherwise it sends the next one at once."""
     import numpy as np
 
     arg = json.dumps({"url": url, "prefix": prefix, "texts": texts, "adapters": adapters, "conc": conc,
-                      "duration": duration, "seed": seed, "model_header": model_header})
+                      "duration": duration, "seed": seed, "model_header": model_header,
+                      "honour_retry_after": honour_retry_after})
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__], input=arg, capture_output=True, text=True,
                           timeout=duration + 180)
@@ -134,7 +138,7 @@ def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, s
     ok, shed = status == 200, (status == 429) | (status == 503)
     n = {code: int((status == code).sum()) for code in (200, 429, 503, -1)}
     total = int(every.sum())
-    return {"client": "py", "concurrency": conc, "requests": total, "seconds": secs,
+    return {"client": "py", "honour_retry_after": honour_retry_after, "concurrency": conc, "requests": total, "seconds": secs,
             "req_per_s": total / secs, "ok_per_s": n[200] / secs,
             "p50_ms": pct(every, 50), "p95_ms": pct(every, 95), "p99_ms": pct(every, 99),
             "max_ms": float(lat[every].max()) if total else None,
@@ -152,8 +156,9 @@ def _shares(total: int, n429: int, n503: int) -> dict:
 
 # the py client's own process ------------------------------------------------------------------
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """One HTTP/1.1 response: (status, server closes the connection). The body is read and dropped."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float | None]:
+    """One HTTP/1.1 response: (status, server closes the connection, Retry-After seconds or None). The body is
+    read and dropped."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -169,7 +174,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
                 break
     else:
         await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers.get("connection") == "close"
+    retry = headers.get("retry-after")
+    return status, headers.get("connection") == "close", float(retry) if retry and retry.isdigit() else None
 
 
 async def _client(a: dict) -> dict:
@@ -200,9 +206,10 @@ async def _client(a: dict) -> dict:
                         await asyncio.sleep(0.05)
                         continue
                 t = time.perf_counter()
+                retry = None
                 try:
                     writer.write(request())
-                    code, close = await _read_response(reader)
+                    code, close, retry = await _read_response(reader)
                 except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                     code, close = -1, True
                 status.append(code)
@@ -210,6 +217,8 @@ async def _client(a: dict) -> dict:
                 if close:
                     writer.close()
                     writer = None
+                if a.get("honour_retry_after") and code in (429, 503) and retry:
+                    await asyncio.sleep(retry)  # as the openai client does before retrying
         finally:
             if writer is not None:
                 writer.close()

@@ -19,7 +19,9 @@ level, app and input length. The load generator's own CPU time is reported (it s
 Batch size and adapters per batch: polyhead's /metrics histograms (as a scrape sees them), the stub's and
 the multiplexed replica's own counters.
 Overload: per input length, saturation is the first level after which goodput (200/s) grows < 5 %; the
-py client (every answer's latency, by status) runs at that level and at --overload-factor (4) times it.
+py client (every answer's latency, by status) runs at that level and at --overload-factor (4) times it,
+twice: its clients honouring Retry-After on a 429/503 (as the openai client does: the targets are
+checked on this run), and retrying at once (a client that ignores the server, reported beside it).
 The tables compare against the serving issue's targets (columns "bound" and "met"). Timings are reported,
 never asserted.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -79,6 +82,8 @@ def make_texts(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
 
 def floor_app(config: dict):
     """The polyhead Ingress on a stub ModelServer that answers every row of a batch at once."""
+    import asyncio
+
     from ray import serve
 
     from serving.app.http import Ingress
@@ -102,6 +107,9 @@ def floor_app(config: dict):
 
         async def list_adapters(self) -> list:
             return []
+
+        async def infer_rows(self, rows: list[dict]) -> list[dict]:
+            return list(await asyncio.gather(*(self.infer(r) for r in rows)))
 
         async def infer(self, row: dict) -> dict:
             out = await self._batch(row)
@@ -308,21 +316,25 @@ def level_table(run: dict) -> str:
 
 
 def overload_table(runs: list[dict], factor: int) -> str:
-    head = (f"| tokens | app | sat. conc | {factor}x conc | peak ok/s | goodput ok/s | goodput/peak | 429 % | 503 % "
-            "| shed p50 ms | shed p99 ms | accepted p99 ms | p99 at sat. ms | ratio | client CPU % |")
+    head = (f"| tokens | app | client | sat. conc | {factor}x conc | peak ok/s | goodput ok/s | goodput/peak | 429 % "
+            "| 503 % | shed p50 ms | shed p99 ms | accepted p99 ms | p99 at sat. ms | ratio | client CPU % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in runs:
         for app, ov in run["overload"].items():
             if not good(ov):
-                lines.append(f"| {run['tokens']} | {app} | error: {ov.get('error', '-')[:80]} |" + " |" * 12)
+                lines.append(f"| {run['tokens']} | {app} | error: {ov.get('error', '-')[:80]} |" + " |" * 13)
                 continue
-            o, ref = ov["overload"], ov["at_saturation"]
-            lines.append(
-                f"| {run['tokens']} | {app} | {ref['concurrency']} | {o['concurrency']} | {ov['peak_ok_per_s']:.1f} | "
-                f"{o['ok_per_s']:.1f} | {fmt(ov['goodput_over_peak'], 2)} | {100 * o['share_429']:.1f} | "
-                f"{100 * o['share_503']:.1f} | {fmt(o['shed_p50_ms'])} | {fmt(o['shed_p99_ms'])} | "
-                f"{fmt(o['ok_p99_ms'])} | {fmt(ref['ok_p99_ms'])} | {fmt(ov['accepted_p99_over_saturation_p99'], 2)} | "
-                f"{100 * o['client_cpu_share_of_one_core']:.0f} |")
+            for client, summary in (("honours Retry-After", ov), ("retries at once", ov.get("immediate_retry"))):
+                if summary is None:
+                    continue
+                o, ref = summary["overload"], summary["at_saturation"]
+                lines.append(
+                    f"| {run['tokens']} | {app} | {client} | {ref['concurrency']} | {o['concurrency']} | "
+                    f"{summary['peak_ok_per_s']:.1f} | {o['ok_per_s']:.1f} | {fmt(summary['goodput_over_peak'], 2)} | "
+                    f"{100 * o['share_429']:.1f} | {100 * o['share_503']:.1f} | {fmt(o['shed_p50_ms'])} | "
+                    f"{fmt(o['shed_p99_ms'])} | {fmt(o['ok_p99_ms'])} | {fmt(ref['ok_p99_ms'])} | "
+                    f"{fmt(summary['accepted_p99_over_saturation_p99'], 2)} | "
+                    f"{100 * o['client_cpu_share_of_one_core']:.0f} |")
     return "\n".join(lines)
 
 
@@ -383,7 +395,8 @@ def write_report(report: dict, out: Path, client: str) -> None:
              f"App config: `{json.dumps(s['app_config'])}`.\n"]
     for run in report["runs"]:
         parts.append(f"## {run['tokens']}-token inputs\n\n{level_table(run)}\n")
-    parts.append(f"## Overload ({s['overload_factor']}x the saturating concurrency, py client)\n\n"
+    parts.append(f"## Overload ({s['overload_factor']}x the saturating concurrency, py client; targets use the "
+                 "run whose clients honour Retry-After)\n\n"
                  f"{overload_table(report['runs'], s['overload_factor'])}\n")
     parts.append(f"## Targets (serving issue)\n\n{targets_table(report['targets'])}\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +421,7 @@ def main(argv=None) -> None:
     ap.add_argument("--overload-factor", type=int, default=4)
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process Engine.infer rows")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-s", type=float, default=0.05)
+    ap.add_argument("--batch-wait-s", type=float, default=0.0)
     ap.add_argument("--max-models", type=int, default=8, help="multiplexed: max_num_models_per_replica")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per model replica")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (smoke runs: a temp dir)")
@@ -443,6 +456,7 @@ def main(argv=None) -> None:
 
         cfg = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                "max_ongoing_requests": max(64, args.max_batch_size), "max_queued_requests": 256,
+               "max_pending_rows": 2 * args.max_batch_size,
                "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16, "adapters": dirs}
         full = load_config(None, **cfg)
         push_s = getattr(full, "metrics_push_s", 0.0)
@@ -555,10 +569,14 @@ def sweep(url, apps, overload_apps, levels, texts, names, tokens, args, load, pu
         if sat is None:
             continue
         ref = measure(url, app, sat["concurrency"], texts, names, tokens, args.duration, run_py, push_s, tmp)
-        over = measure(url, app, args.overload_factor * sat["concurrency"], texts, names, tokens, args.duration,
-                       run_py, push_s, tmp)
+        over_conc = args.overload_factor * sat["concurrency"]
+        over = measure(url, app, over_conc, texts, names, tokens, args.duration,
+                       functools.partial(run_py, honour_retry_after=True), push_s, tmp)
+        eager = measure(url, app, over_conc, texts, names, tokens, args.duration, run_py, push_s, tmp)
         run["overload"][app] = overload_summary(sat, ref, over) if good(ref) and good(over) else \
             {"error": (ref.get("error") or over.get("error") or "?")}
+        if good(run["overload"][app]) and good(eager):
+            run["overload"][app]["immediate_retry"] = overload_summary(sat, ref, eager)
         if good(run["overload"][app]):
             o = over
             print(f"  overload {app} {tokens} tok c={o['concurrency']}: goodput {o['ok_per_s']:.1f}/s "

@@ -35,12 +35,16 @@ class ServeConfig(BaseModel):
     max_virtual_tokens: int = Field(128, ge=1)  # prompt/prefix tuning lengths an adapter may have
     max_bottleneck: int = Field(256, ge=1)  # AdapterHub bottleneck size an adapter may have
     max_batch_size: int = Field(32, ge=1)
-    # how long a batch waits for more rows while other rows are in flight (a row reaching an idle replica
-    # runs at once): longer waits form larger batches under load
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
+    # continuous batching: rows arriving while a batch computes form the next batch when it ends, and a row
+    # reaching an idle replica runs at once; a batch that is not full may also wait this long for more rows
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)
-    # rows waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
-    # unbounded (Ray's default). A request with a row beyond it answers 429 with Retry-After at once.
+    # admission control, per ingress replica: while it has this many rows at the model, a new request is refused
+    # at once with 429 + Retry-After (under it a request is admitted whole). 2 x max_batch_size keeps one batch
+    # waiting behind the one computing; raise it with the number of model replicas per ingress replica.
+    max_pending_rows: int = Field(64, ge=1)
+    # requests waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
+    # unbounded (Ray's default). A request beyond it answers 429 with Retry-After at once.
     max_queued_requests: int = Field(256, ge=-1)
     retry_after_s: int = Field(1, ge=0, le=3600)  # Retry-After of 429 (queue full) and 503 (not ready, draining)
     ready_timeout_s: float = Field(2.0, gt=0, le=60)  # /ready waits this long for a model replica to answer

@@ -1,7 +1,9 @@
 """ModelServer: the Ray Serve deployment holding one Engine.
 
-Each call is one row {"adapter", "input_ids", "need"}; @serve.batch gathers rows for MANY
-adapters into one Engine.infer (never split by adapter), run off the event loop.
+Each call carries one request's rows, each {"adapter", "input_ids", "need"}; @serve.batch gathers
+rows for MANY adapters into one Engine.infer (never split by adapter), run off the event loop on one
+engine thread. Continuous batching: rows arriving while a batch computes wait for it, then form the
+next batch together; a row reaching an idle replica runs at once.
 "adapter" is a reference, `name` or `name@N`, resolved through the Registry (config
 `adapters` + an AdapterStore shared by every replica that opens the same `store_root`) to one
 version; that version loads on demand on its first row, once (an asyncio lock per version),
@@ -14,9 +16,11 @@ Batch, adapter-load and slot metrics are recorded here, where they happen (servi
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +57,9 @@ class ModelServer:
         cfg = ServeConfig(**config)
         self.cfg = cfg
         torch.set_num_threads(cfg.num_threads)  # Ray sets OMP_NUM_THREADS=1 in replicas
+        # every engine call runs on this one thread, off the event loop: one OpenMP thread team for the replica
+        # (each thread that runs torch ops gets its own team, and idle teams spinning cost the forward ~15 %)
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyhead-engine")
         self.engine = Engine.from_pretrained(cfg.resolved_base_dir(), device=cfg.device, dtype=cfg.dtype,
                                              max_slots=cfg.max_slots, max_rank=cfg.max_rank,
                                              max_virtual_tokens=cfg.max_virtual_tokens,
@@ -74,6 +81,11 @@ class ModelServer:
         self.draining = False  # set by Serve's graceful shutdown (__del__): /ready answers 503
         self._run_batch.set_max_batch_size(cfg.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # Serve's batcher cuts its queue into batches by time, eagerly, even while the engine is busy: rows
+        # arriving during a forward would become several small batches queued behind it. Rows wait here
+        # instead while a batch computes, and enter the queue together when it ends: one batch of them.
+        self._computing = False
+        self._engine_free = asyncio.Event()
         self.metrics = Recorder(MODEL_SERIES)
         self._engine_counts: dict[str, int] = {}  # engine counters already added to the metrics
         self._record_engine(self.engine.stats())
@@ -82,7 +94,17 @@ class ModelServer:
     def __del__(self):  # Serve calls it when it stops this replica, after its ongoing requests
         self.draining = True
 
+    async def _on_engine(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread,
+                                                                functools.partial(fn, *args, **kwargs))
+
     # rows ---------------------------------------------------------------------------------
+
+    async def infer_rows(self, rows: list[dict]) -> list[dict]:
+        """One request's rows (one call from the ingress), each admitted and answered as `infer` does; they
+        arrive together, so they join the same batch."""
+        return list(await asyncio.gather(*(self.infer(row) for row in rows)))
 
     async def infer(self, row: dict) -> dict:
         if self.pusher is not None:
@@ -110,12 +132,10 @@ class ModelServer:
             return row_error("too_many_tokens", f"input has {len(row['input_ids'])} tokens, over the limit of "
                              f"{limit}{why}")
         generation = loaded.generation if loaded is not None else 0
-        # adaptive batch wait: a row reaching an idle replica runs at once; while other rows are in flight
-        # the batch waits up to batch_wait_timeout_s for more (under load rows arrive during the wait)
-        busy = any(self._inflight.values())
-        self._run_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s if busy else 0.0)
         self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the checks above: atomic
         try:
+            if self._computing:  # continuous batching: wait for the running batch, then join the next one
+                await self._engine_free.wait()
             out = await self._run_batch(dict(row, key=key, generation=generation))
         finally:
             self._inflight[key] -= 1
@@ -149,8 +169,14 @@ class ModelServer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from the config in __init__
     async def _run_batch(self, rows: list[dict]) -> list[dict]:
         requests = [Request(adapter=r.get("key"), input_ids=r["input_ids"]) for r in rows]
+        self._computing = True
+        self._engine_free.clear()
         start = time.perf_counter()
-        results, stats = await asyncio.to_thread(self._infer, requests)
+        try:
+            results, stats = await self._on_engine(self._infer, requests)
+        finally:
+            self._computing = False
+            self._engine_free.set()
         compute_s = time.perf_counter() - start
         self._batches += 1
         info = {"batch_size": len(rows), "batch_adapters": len({r.get("key") for r in rows} - {None}),
@@ -209,7 +235,7 @@ class ModelServer:
     async def _load(self, found: Resolved) -> float:
         start = time.perf_counter()
         labels = list(found.labels) if found.labels is not None else None
-        spec = await asyncio.to_thread(self.engine.load_adapter, found.key, found.path, labels)
+        spec = await self._on_engine(self.engine.load_adapter, found.key, found.path, labels)
         load_s = time.perf_counter() - start
         head = spec.head
         self._heads[found.key] = Loaded(head.task if head else None, tuple(head.labels) if head else None,
@@ -218,7 +244,7 @@ class ModelServer:
         self.loads += 1
         self.metrics.adapter_loads.inc()
         self.metrics.adapter_load_seconds.observe(load_s)
-        self._record_engine(await asyncio.to_thread(self.engine.stats))
+        self._record_engine(await self._on_engine(self.engine.stats))
         return load_s
 
     async def add_adapter(self, name: str, path: str, labels: list[str] | None = None) -> dict:
@@ -271,9 +297,9 @@ class ModelServer:
                 deadline = time.monotonic() + drain_timeout_s
                 while self._inflight.get(key) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
-                await asyncio.to_thread(self.engine.unload_adapter, key)
+                await self._on_engine(self.engine.unload_adapter, key)
                 self.metrics.adapter_unloads.inc()
-                self._record_engine(await asyncio.to_thread(self.engine.stats))
+                self._record_engine(await self._on_engine(self.engine.stats))
 
     async def list_adapters(self) -> list[dict]:
         """Per name: its latest version (None for a static entry), every version, where its files are, and
@@ -298,5 +324,5 @@ class ModelServer:
                 "draining": self.draining}
 
     async def stats(self) -> dict:
-        stats = await asyncio.to_thread(self.engine.stats)  # takes the engine lock: off the event loop
+        stats = await self._on_engine(self.engine.stats)  # takes the engine lock: off the event loop
         return dict(stats, adapter_loads=self.loads, batches=self._batches)

@@ -4,8 +4,9 @@ Every error is JSON {"error": {"message", "type", "code"}}; bad input is never a
 Bodies are read and parsed here (not by FastAPI) so that size limits, malformed JSON (400)
 and invalid fields (422) each get their own status. Statuses come from exception types and
 row error codes (ROW_CODES), never from the wording of a message.
-Overload: the model deployment's queue limit (max_queued_requests, Ray's BackPressureError) is a
-429 with Retry-After; a model that is not ready, draining or unavailable is a 503 with Retry-After.
+Overload: a request arriving while this replica has max_pending_rows rows at the model, or refused by the
+model deployment's queue limit (max_queued_requests, Ray's BackPressureError), is a 429 with Retry-After;
+a model that is not ready, draining or unavailable is a 503 with Retry-After.
 """
 
 import asyncio
@@ -162,6 +163,7 @@ class Ingress:
         self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
         self.metrics = Recorder(INGRESS_SERIES)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
+        self._pending_rows = 0  # rows sent to the model and not answered yet (admission, see _run_rows)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config of this deployment, given to every Ingress replica (and again on each change):
@@ -308,36 +310,33 @@ class Ingress:
             out.append(enc)
         return out
 
-    async def _row(self, route: str, response) -> dict:
-        start = time.perf_counter()
-        out = await response
-        if out.get("compute_s") is not None:  # it ran in a batch
-            self.metrics.queue.labels(route).observe(max(0.0, time.perf_counter() - start - out["compute_s"]))
-        return out
-
     async def _run_rows(self, route: str, rows: list[dict], names: list[str | None]) -> list[dict]:
-        """One ModelServer call per row. The first row refused (queue full: 429; model unavailable: 503)
-        fails the request at once and cancels its other rows, so an overloaded server sheds quickly."""
-        calls = [self.model.infer.remote(r) for r in rows]
-        tasks = [asyncio.ensure_future(self._row(route, c)) for c in calls]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        finally:  # a failed row, or this request cancelled (client gone): stop the rest
-            pending = [(c, t) for c, t in zip(calls, tasks) if not t.done()]
-            for call, task in pending:
-                _cancel(call)
-                task.cancel()
-            if pending:
-                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
-        failures = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
-        if any(isinstance(e, BackPressureError) for e in failures):
+        """The request's rows in ONE ModelServer call (they join the same batch there).
+
+        Admission: while this ingress replica has `max_pending_rows` rows at the model, a new request is refused
+        at once (429, Retry-After) without reaching the model, so an overloaded server sheds in milliseconds
+        and keeps the latency of what it accepted; under the limit a request is admitted whole, however many
+        rows it has. The model deployment's own queue limit (Ray's BackPressureError) is a 429 too."""
+        if self._pending_rows >= self.cfg.max_pending_rows:
             raise self._overloaded()
-        for exc in failures:
-            if isinstance(exc, UNAVAILABLE):
-                raise self._unavailable(exc)
-        if failures:
-            raise failures[0]
-        results = [t.result() for t in tasks]
+        self._pending_rows += len(rows)
+        start = time.perf_counter()
+        call = self.model.infer_rows.remote(rows)
+        try:
+            results = await call
+        except BackPressureError:
+            raise self._overloaded() from None
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc) from None
+        except asyncio.CancelledError:  # the client went away: so do its rows
+            _cancel(call)
+            raise
+        finally:
+            self._pending_rows -= len(rows)
+        waited = time.perf_counter() - start
+        for res in results:
+            if res.get("compute_s") is not None:  # it ran in a batch
+                self.metrics.queue.labels(route).observe(max(0.0, waited - res["compute_s"]))
         for res, name in zip(results, names):
             if res.get("error"):
                 status, _ = ROW_CODES.get(res["code"], (422, ""))

@@ -222,8 +222,8 @@ def test_deleting_an_adapter_in_use_does_not_break_running_requests(server, clie
 
 def test_a_flood_beyond_the_queue_is_shed_with_429_json_quickly_while_accepted_requests_succeed(server, client,
                                                                                              engine):
-    """40 requests of 8 rows (320 rows) against 32 ongoing + 64 queued rows at the model: requests with a row
-    beyond the queue answer 429 at once (their other rows are cancelled); the others are served correctly."""
+    """40 requests of 8 rows (320 rows) against the ingress's admission limit of 64 pending rows: requests
+    arriving beyond it answer 429 at once, without reaching the model; the others are served correctly."""
     texts = [f"flood {i}: " + TEXTS[i % len(TEXTS)] for i in range(8)]
     expected = [alone(engine, "cls-a", t).logits for t in texts]
     assert client.post("/v1/classify", json={"model": "cls-a", "input": "warm"}).status_code == 200
