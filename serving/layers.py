@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .batch import BatchPlan
+from .kernels.cpu import output_buffer
 from .slots import Ia3Slots, LoraSlots, VirtualTokenSlots, fuse_storage
 
 # BatchPlan groups: the engine gives each slot the group of its adapter's kind, so each kind's rows
@@ -129,10 +130,10 @@ def attach_linear(name: str, module: nn.Module, state: ForwardState) -> None:
         tpr = x2.shape[0] // plan.num_rows
         scale_input = rows is not None and any(ia3.on_input[s] for s in plan.row_slots[rows[0]:rows[1]])
         if lora is not None:
-            x_in = _scaled_input(x2, ia3.vin, rows, tpr).view(x.shape) if scale_input else x
-            y = _lora_forward(name, lora, state, x, x_in, tpr, base_forward)
+            y = _lora_forward(name, lora, state, x, tpr, base_forward, (ia3.vin, rows) if scale_input else None)
         elif scale_input:
-            y = _ia3_input_linear(x2, weight, getattr(module, "bias", None), conv1d, ia3.vin, rows, tpr)
+            y = _ia3_input_linear(x2, weight, getattr(module, "bias", None), conv1d, ia3.vin, rows, tpr,
+                                  plan.workspace)
             y = y.view(*x.shape[:-1], d_out)
         else:
             y = base_forward(x)
@@ -143,22 +144,15 @@ def attach_linear(name: str, module: nn.Module, state: ForwardState) -> None:
     module.forward = forward
 
 
-def _scaled_input(x: torch.Tensor, vectors: torch.Tensor, rows: tuple[int, int, torch.Tensor], tpr: int):
-    """A copy of x [N, d] with the IA3 rows' tokens scaled by their vectors: one pass, no clone first."""
-    row0, row1, slots = rows
-    per_row = vectors.new_ones(x.shape[0] // tpr, x.shape[-1])  # [B, d]
-    per_row[row0:row1] = vectors.index_select(0, slots)
-    return (x.view(-1, tpr, x.shape[-1]) * per_row.unsqueeze(1)).view(x.shape)
-
-
 def _ia3_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
-                      vectors: torch.Tensor, rows: tuple[int, int, torch.Tensor], tpr: int) -> torch.Tensor:
+                      vectors: torch.Tensor, rows: tuple[int, int, torch.Tensor], tpr: int,
+                      workspace: dict) -> torch.Tensor:
     """The base linear on x [N, d_in] where the IA3 rows' inputs are scaled first: the other rows' matmul
     reads x in place, only the IA3 rows' inputs are copied (scaled). Returns [N, d_out]."""
     row0, row1, slots = rows
     W = weight if conv1d else weight.T  # [d_in, d_out]
     t0, t1 = row0 * tpr, row1 * tpr
-    y = x.new_empty(x.shape[0], W.shape[1])
+    y = output_buffer(workspace, x.shape[0], W.shape[1], x)
     scaled = (x[t0:t1].view(row1 - row0, tpr, -1) * vectors.index_select(0, slots).unsqueeze(1)).view(t1 - t0, -1)
     for a, b, inp in ((0, t0, x[:t0]), (t0, t1, scaled), (t1, x.shape[0], x[t1:])):
         if b > a:
@@ -176,17 +170,24 @@ def _scale_rows(t: torch.Tensor, vectors: torch.Tensor, rows: tuple[int, int, to
     part.mul_(vectors.index_select(0, slots).unsqueeze(1))
 
 
-def _lora_forward(name: str, slots: LoraSlots, state: ForwardState, x: torch.Tensor, x_in: torch.Tensor,
-                  tpr: int, base_forward) -> torch.Tensor:
+def _lora_forward(name: str, slots: LoraSlots, state: ForwardState, x: torch.Tensor, tpr: int, base_forward,
+                  ia3_input: tuple[torch.Tensor, tuple[int, int, torch.Tensor]] | None) -> torch.Tensor:
+    """The LoRA rows' deltas on top of the base output. ia3_input: (input vectors, IA3 rows) where IA3 rows
+    scale their inputs; then the base matmul runs per row block (only the IA3 rows' inputs are copied) and
+    the deltas are added after it. LoRA rows are never IA3 rows, so the shrink reads x as it is."""
     plan = state.plan
     d_in, d_out, conv1d = slots.shape.d_in, slots.shape.d_out, slots.shape.conv1d
     x2 = x.reshape(-1, d_in)
-    u = state.shrunk(name, x, x2, tpr)  # LoRA rows are never IA3 rows: x and x_in agree on them
-    if slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments):
-        y = base_forward(x_in)
-        y2 = y.view(-1, d_out)
+    u = state.shrunk(name, x, x2, tpr)
+    dora = slots.G is not None and any(slots.dora[seg.slot] for seg in plan.segments)
+    if ia3_input is None and not dora:
+        y2 = state.kernels.linear_expand(x2, slots.weight, conv1d, u, slots.Bb, plan, tpr)
+        return y2.view(*x.shape[:-1], d_out)
+    if ia3_input is None:
+        y2 = base_forward(x).view(-1, d_out)
+    else:
+        y2 = _ia3_input_linear(x2, slots.weight, slots.bias, conv1d, *ia3_input, tpr, plan.workspace)
+    if dora:
         state.kernels.rescale_output(y2, slots.bias, slots.G, plan, tpr)
-        state.kernels.expand(y2, u, slots.B, plan, tpr)
-        return y
-    y2 = state.kernels.linear_expand(x_in.reshape(-1, d_in), slots.weight, conv1d, u, slots.Bb, plan, tpr)
+    state.kernels.expand(y2, u, slots.B, plan, tpr)
     return y2.view(*x.shape[:-1], d_out)

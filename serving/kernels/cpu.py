@@ -125,22 +125,66 @@ def linear_expand(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, u: list[t
                   Bb: torch.Tensor, plan: BatchPlan, tpr: int) -> torch.Tensor:
     """Same semantics as reference.linear_expand, with the expand folded into the base matmul.
 
-    The output is first written once by [1 | u] @ [bias | B].T per bucket (the bias rides in
-    column 0 of the slot tensor, so the expand is one write, not a read-modify-write), then the
-    base matmul accumulates into it (addmm with beta=1).
+    The output is first written once by [1 | u] @ [bias | B].T per bucket with LoRA rows here (the bias
+    rides in column 0 of the slot tensor, so the expand is one write, not a read-modify-write) and by
+    the bias on each run of rows between them, then the base matmul accumulates into it (addmm with beta=1).
     """
     N, d_out = x.shape[0], Bb.shape[1]
     bias = Bb[0, :, 0]  # [d_out]
-    y = torch.empty(N, d_out, dtype=x.dtype, device=x.device)
-    start = plan.segments[0].row0 * tpr if plan.segments else N  # base rows come first
-    y[:start] = bias
+    y = output_buffer(plan.workspace, N, d_out, x)
+    filled = 0  # rows [0, filled) are written; base rows come first, then buckets in row order
     for bucket, ub in zip(plan.buckets, u):
-        t0 = bucket.row0 * tpr
-        ys = y[t0:t0 + bucket.n_seg * bucket.rows_per_seg * tpr]
         if ub is None:
-            ys[:] = bias
             continue
         n, L, w = ub.shape
+        t0 = bucket.row0 * tpr
+        if t0 > filled:
+            y[filled:t0] = bias
         ones_u = torch.cat([ub.new_ones(n, L, 1), ub], dim=2)  # [n, L, 1 + w]
-        _matmul_slots(ones_u, Bb[:, :, :1 + w], bucket, plan.workspace, "B", out=ys.view(n, L, d_out))
+        _matmul_slots(ones_u, Bb[:, :, :1 + w], bucket, plan.workspace, "B", out=y[t0:t0 + n * L].view(n, L, d_out))
+        filled = t0 + n * L
+    if filled < N:
+        y[filled:] = bias
     return y.addmm_(x, weight if conv1d else weight.T)
+
+
+# Outputs of at least this many elements come from buffers kept across forwards (output_buffer).
+POOLED_MIN_NUMEL = 1 << 20
+POOLED_MAX_BUFFERS = 8
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # without it, every output is a new tensor
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """References to t's storage (tensors and views on it, plus the one this call makes)."""
+    return _use_count(t.untyped_storage()._cdata)
+
+
+def output_buffer(workspace: dict, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [n, d] tensor for a layer's output, like `like`'s dtype and device.
+
+    A large output is taken from buffers kept in the workspace across forwards: fresh pages for a
+    tensor of tens of MB cost about as much as writing it once. A buffer is handed out again only
+    when nothing else holds its storage (every output earlier taken from it, and every view of one,
+    is gone), so an output a caller keeps is never overwritten; otherwise this is a new tensor.
+    """
+    numel = n * d
+    if numel < POOLED_MIN_NUMEL or _use_count is None:
+        return like.new_empty(n, d)
+    pool: list = workspace.setdefault("outputs", [])  # [(flat buffer, its storage users when free)]
+    free = [i for i, (buf, users) in enumerate(pool)
+            if buf.dtype == like.dtype and buf.device == like.device and _storage_users(buf) == users]
+    fits = [i for i in free if pool[i][0].numel() >= numel]
+    if fits:
+        buf = pool[min(fits, key=lambda i: pool[i][0].numel())][0]  # the smallest that fits
+        return buf[:numel].view(n, d)
+    if len(pool) >= POOLED_MAX_BUFFERS and not free:
+        return like.new_empty(n, d)
+    buf = like.new_empty(numel)
+    entry = (buf, _storage_users(buf))
+    if len(pool) < POOLED_MAX_BUFFERS:
+        pool.append(entry)
+    else:
+        pool[max(free, key=lambda i: pool[i][0].numel())] = entry  # the largest free one, too small: replaced
+    return buf.view(n, d)
