@@ -56,14 +56,11 @@ class ModelServer:
     def __init__(self, config: dict):
         cfg = ServeConfig(**config)
         self.cfg = cfg
-        torch.set_num_threads(cfg.num_threads)  # Ray sets OMP_NUM_THREADS=1 in replicas
-        # every engine call runs on this one thread, off the event loop: one OpenMP thread team for the replica
-        # (each thread that runs torch ops gets its own team, and idle teams spinning cost the forward ~15 %)
+        # Every torch op of the replica, the engine's construction included, runs on this one thread, off the
+        # event loop: each thread that runs torch ops gets its own OpenMP thread team, and a second team
+        # (spinning, or merely there) slowed the forward by 20-80 % in a Serve replica.
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyhead-engine")
-        self.engine = Engine.from_pretrained(cfg.resolved_base_dir(), device=cfg.device, dtype=cfg.dtype,
-                                             max_slots=cfg.max_slots, max_rank=cfg.max_rank,
-                                             max_virtual_tokens=cfg.max_virtual_tokens,
-                                             max_bottleneck=cfg.max_bottleneck)
+        self.engine = self._engine_thread.submit(self._build_engine, cfg).result()
         if cfg.store_root is None:  # registrations of this replica only, deleted with it
             self._tmp_store = tempfile.TemporaryDirectory(prefix="polyhead-store-")
             store = AdapterStore(self._tmp_store.name)
@@ -88,8 +85,15 @@ class ModelServer:
         self._engine_free = asyncio.Event()
         self.metrics = Recorder(MODEL_SERIES)
         self._engine_counts: dict[str, int] = {}  # engine counters already added to the metrics
-        self._record_engine(self.engine.stats())
+        self._record_engine(self._engine_thread.submit(self.engine.stats).result())
         self.pusher = MetricsPusher.in_replica(self.metrics, cfg.metrics_push_s)
+
+    @staticmethod
+    def _build_engine(cfg: ServeConfig) -> Engine:
+        torch.set_num_threads(cfg.num_threads)  # Ray sets OMP_NUM_THREADS to the replica's CPUs
+        return Engine.from_pretrained(cfg.resolved_base_dir(), device=cfg.device, dtype=cfg.dtype,
+                                      max_slots=cfg.max_slots, max_rank=cfg.max_rank,
+                                      max_virtual_tokens=cfg.max_virtual_tokens, max_bottleneck=cfg.max_bottleneck)
 
     def __del__(self):  # Serve calls it when it stops this replica, after its ongoing requests
         self.draining = True
