@@ -195,6 +195,11 @@ class AdapterStore:
         except FileNotFoundError as exc:
             raise AdapterError(f"adapter {name}@{version} was removed while being resolved") from exc
 
+    def published_versions(self, name: str) -> list[int]:
+        """The published versions of `name`, ascending ([] for none); AdapterError for an invalid name."""
+        check_name(name)
+        return sorted(self._versions(name))
+
     def list(self) -> list[AdapterVersion]:
         """All published versions, sorted by name then version."""
         out = []

@@ -68,10 +68,13 @@ def test_versions_increase_pin_and_are_never_reused(tmp_path, schema):
     assert (v1.version, v2.version, other.version) == (1, 2, 1) and v1.sha256 != v2.sha256
     assert store.resolve("a") == v2 and store.resolve("a@1") == v1
     assert [x.ref for x in store.list()] == ["a@1", "a@2", "b@1"]
+    assert store.published_versions("a") == [1, 2] and store.published_versions("never") == []
+    with pytest.raises(AdapterError):
+        store.published_versions("../a")
     with pytest.raises(AdapterError, match=r"unknown version a@3 \(published versions: 1, 2\)"):
         store.resolve("a@3")
     assert store.remove("a", 2) == [v2]
-    assert store.resolve("a") == v1
+    assert store.resolve("a") == v1 and store.published_versions("a") == [1]
     v3 = store.add("a", lora(tmp_path, schema, seed=4), schema=schema)
     assert v3.version == 3  # the removed number 2 stays used: a pin never silently changes content
     with pytest.raises(AdapterError, match="unknown adapter 'a@2'"):

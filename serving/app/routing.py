@@ -75,7 +75,9 @@ def _published(store: AdapterStore, name: str, version: int | None) -> bool:
     "unknown") to tell a missing adapter (404) from a broken one, never at the message's wording.
     """
     try:
-        versions = store._versions(name)  # noqa: SLF001 - no public per-name listing (store.list() reads all)
+        versions = store.published_versions(name)
+    except AdapterError:  # not a valid name: nothing can be published under it
+        return False
     except OSError:  # the store cannot be read: not known to be missing
         return True
     return bool(versions) if version is None else version in versions
