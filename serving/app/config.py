@@ -38,7 +38,7 @@ class ServeConfig(BaseModel):
     # continuous batching: rows arriving while a batch computes form the next batch when it ends, and a row
     # reaching an idle replica runs at once; a batch that is not full may also wait this long for more rows
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)  # requests (each one call with all its rows) in a model replica
     # admission control, per ingress replica: while it has this many rows at the model, a new request is refused
     # at once with 429 + Retry-After (under it a request is admitted whole). 2 x max_batch_size keeps one batch
     # waiting behind the one computing; raise it with the number of model replicas per ingress replica.
@@ -100,7 +100,7 @@ class ServeConfig(BaseModel):
     def _consistent(self):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                             f"({self.max_batch_size}), or batches never fill")
+                             f"({self.max_batch_size}), or one-row requests never fill a batch")
         return self
 
     def resolved_base_dir(self) -> str:

@@ -141,10 +141,10 @@ async def _result(response):
 
 def _cancel(response) -> None:
     """Best-effort DeploymentResponse.cancel(). With Ray's router on its own thread, cancel() reads a result
-    that just arrived and re-raises its error (e.g. the BackPressureError of a row already refused)."""
+    that just arrived and re-raises its error (e.g. the BackPressureError of a call already refused)."""
     try:
         response.cancel()
-    except Exception:  # noqa: BLE001 - that row's outcome no longer matters
+    except Exception:  # noqa: BLE001 - that call's outcome no longer matters
         pass
 
 
