@@ -11,21 +11,23 @@ every core), as polyhead's ModelServer runs its forward; Ray's multiplex wrapper
 
 Routes, beside polyhead's: POST /v1/embeddings (mean of the last hidden state over real tokens, as
 polyhead's embedding) and /v1/classify (the PEFT model's logits and softmax), one input per request;
-`counts()` (a handle method): this replica's forwards, rows, model loads and their seconds, ongoing requests.
+`counts()` (a handle method): this replica's id, forwards, rows, model loads and their seconds, ongoing
+requests. With num_replicas > 1, Ray's router sends each adapter id to a replica that has it when it can.
 """
 from __future__ import annotations
 
 
 def multiplexed_app(base_dir: str, adapter_dirs: dict[str, str], *, num_labels: int = 2, max_models: int = 8,
                     max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, num_threads: int = 1,
-                    num_cpus: float = 1, max_ongoing_requests: int = 64, max_queued_requests: int = -1):
+                    num_cpus: float = 1, max_ongoing_requests: int = 64, max_queued_requests: int = -1,
+                    num_replicas: int = 1):
     """The Application (bind it with serve.run). Defined in a function: Ray ships the class by value."""
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
     @serve.deployment(max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
-                      ray_actor_options={"num_cpus": num_cpus})
+                      ray_actor_options={"num_cpus": num_cpus}, num_replicas=num_replicas)
     class MultiplexedPeft:
         def __init__(self):
             import torch
@@ -64,7 +66,7 @@ def multiplexed_app(base_dir: str, adapter_dirs: dict[str, str], *, num_labels: 
             return model
 
         def counts(self) -> dict:
-            return dict(self.n)
+            return dict(self.n, replica=serve.get_replica_context().replica_id.unique_id)
 
         async def __call__(self, request: Request):
             path = request.url.path

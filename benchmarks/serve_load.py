@@ -4,13 +4,16 @@ Ray's own many-models recipe, and does it shed (not collapse) under overload?
 One local Ray Serve instance, every Ray port on 127.0.0.1 (serving.app.start_local_ray), runs side by side:
   floor        the same Ingress (FastAPI, tokenization, JSON) bound to a stub model whose @serve.batch method
                returns at once: the cost of Ray Serve + the ingress alone
-  polyhead     build_app(): Ingress -> ModelServer (one Engine, batches mixing many adapters)
+  polyhead     build_app(): Ingress -> ModelServer (--replicas replicas of --threads torch threads, each one
+               Engine, batches mixing many adapters); default one replica per core, one thread each, as
+               deploy/serve_config.yaml ships
   multiplexed  benchmarks/multiplexed_peft.py: @serve.multiplexed(max_num_models_per_replica=8), one PEFT
                model per adapter id, @serve.batch (split by Ray per model id), adapter in the
-               serve_multiplexed_model_id header
+               serve_multiplexed_model_id header; the same replicas and threads as polyhead
 and afterwards, with Ray stopped:
-  engine       serving.Engine.infer in this process on the same texts (tokenization included), at 1 row and
-               at the mean batch size polyhead formed at each level (rows/s = batch / time per call)
+  engine       serving.Engine.infer in this process, with a torch thread per core, on the same texts
+               (tokenization included), at 1 row and at the rows polyhead had in its batches at each level
+               (mean batch size x replicas: one engine doing all the work; rows/s = batch / time per call)
 
 Load (benchmarks/load_clients.py): closed loop, `wrk` + Lua when installed (else the py client), each request
 POST /v1/embeddings or /v1/classify (half each) for a random adapter among 64 PEFT LoRA adapters (r=16,
@@ -153,13 +156,32 @@ def scrape(url: str) -> dict:
     return out
 
 
-def app_counts(app: str, url: str) -> dict:
+def app_counts(app: str, url: str, replicas: int = 1) -> dict:
+    """polyhead: its /metrics (every replica's); floor, multiplexed: the counters summed over `replicas`
+    replicas (asked through the handle until each has answered)."""
     from ray import serve
 
     if app == "polyhead":
         return scrape(url)
     deployment = "StubModel" if app == "floor" else "MultiplexedPeft"
-    return serve.get_deployment_handle(deployment, app_name=app).counts.remote().result()
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    if app == "floor":
+        return handle.counts.remote().result()
+    seen: dict = {}
+    deadline = time.monotonic() + 120  # Ray routes to the least busy replica: a loading one answers later
+    while len(seen) < replicas:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{deployment}: {len(seen)} of {replicas} replicas answered counts()")
+        c = handle.counts.remote().result()
+        seen[c.pop("replica")] = c
+        if len(seen) < replicas:
+            time.sleep(0.05)
+    return {k: sum(c[k] for c in seen.values()) for k in next(iter(seen.values()))}
+
+
+def engine_batch(level: dict, replicas: int) -> int:
+    """The in-process reference's batch for a level: the rows polyhead's replicas had in batches together."""
+    return max(1, round(level["mean_batch_size"] * replicas))
 
 
 def batch_stats(app: str, before: dict, after: dict, seconds: float) -> dict:
@@ -180,14 +202,11 @@ def batch_stats(app: str, before: dict, after: dict, seconds: float) -> dict:
             "mean_model_load_ms": 1000 * d["load_s"] / d["loads"] if d["loads"] else None}
 
 
-def wait_idle(app: str, push_s: float) -> None:
+def wait_idle(app: str, push_s: float, replicas: int = 1) -> None:
     """Let requests the client dropped drain, and the app's metrics reach its /metrics."""
     if app == "multiplexed":
-        from ray import serve
-
-        handle = serve.get_deployment_handle("MultiplexedPeft", app_name=app)
         deadline = time.monotonic() + 60
-        while handle.counts.remote().result()["ongoing"] and time.monotonic() < deadline:
+        while app_counts(app, "", replicas)["ongoing"] and time.monotonic() < deadline:
             time.sleep(0.5)
     time.sleep(max(1.0, push_s + 0.3))
 
@@ -262,8 +281,8 @@ def evaluate_targets(runs: list[dict], factor: int) -> list[dict]:
                 bound, one["polyhead"]["p50_ms"] <= bound)
         sat = run["saturation"].get("polyhead")
         if sat and good(lv[sat["concurrency"]]["polyhead"]):
-            mb = lv[sat["concurrency"]]["polyhead"].get("mean_batch_size")
-            e = eng.get(str(max(1, round(mb)))) if mb else None
+            at = lv[sat["concurrency"]]["polyhead"]
+            e = eng.get(str(engine_batch(at, run.get("replicas", 1)))) if at.get("mean_batch_size") else None
             if good(e):
                 ratio = sat["ok_per_s"] / e["rows_per_s"]
                 add(tok, f"req/s at saturation >= 0.7x Engine.infer at batch {e['batch']} (128-token target)",
@@ -303,7 +322,7 @@ def level_table(run: dict) -> str:
                 msg = " ".join(r["error"].split())[:80].replace("|", "/")
                 lines.append(f"| {lv['concurrency']} | {app} | error: {msg} |" + " |" * 13)
                 continue
-            eng = run.get("engine", {}).get(str(max(1, round(r["mean_batch_size"])))) \
+            eng = run.get("engine", {}).get(str(engine_batch(r, run.get("replicas", 1)))) \
                 if app == "polyhead" and r.get("mean_batch_size") else None
             eng_s = f"{eng['rows_per_s']:.0f} @{eng['batch']}" if good(eng) else "-"
             lines.append(
@@ -391,7 +410,8 @@ def write_report(report: dict, out: Path, client: str) -> None:
              f"(overload: `py`); {s['adapters']} random LoRA r=16 adapters (all encoder linears, 2-label head), "
              f"{s['routes']}; {report['machine']['cpus']} CPUs shared by server and client. floor = same Ingress, "
              "stub model; multiplexed = @serve.multiplexed(max_num_models_per_replica=8), one PEFT model per "
-             "adapter; engine = Engine.infer in-process at polyhead's mean batch size. "
+             "adapter, as many replicas and threads as polyhead's model; engine = Engine.infer in-process, a torch "
+             "thread per core, at polyhead's mean batch size x its replicas (one engine doing all the work). "
              f"App config: `{json.dumps(s['app_config'])}`.\n"]
     for run in report["runs"]:
         parts.append(f"## {run['tokens']}-token inputs\n\n{level_table(run)}\n")
@@ -423,7 +443,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.0)
     ap.add_argument("--max-models", type=int, default=8, help="multiplexed: max_num_models_per_replica")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per model replica")
+    ap.add_argument("--replicas", type=int, default=os.cpu_count() or 1,
+                    help="model replicas of polyhead and of the multiplexed app (default: one per core)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per model replica (default 1)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (smoke runs: a temp dir)")
     args = ap.parse_args(argv)
     levels = sorted({int(x) for x in args.levels.split(",") if x})
@@ -457,10 +479,11 @@ def main(argv=None) -> None:
         cfg = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                "max_ongoing_requests": max(64, args.max_batch_size), "max_queued_requests": 256,
                "max_pending_rows": 2 * args.max_batch_size,
-               "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16, "adapters": dirs}
+               "num_replicas": args.replicas, "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16,
+               "adapters": dirs}
         full = load_config(None, **cfg)
         push_s = getattr(full, "metrics_push_s", 0.0)
-        start_local_ray(2 * args.threads + 2, log_to_driver=False)
+        start_local_ray(2 * args.replicas * args.threads + 2, log_to_driver=False)
         import ray
         from ray import serve
 
@@ -486,7 +509,7 @@ def main(argv=None) -> None:
                     base, dirs, max_models=args.max_models, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_s, num_threads=args.threads, num_cpus=args.threads,
                     max_ongoing_requests=cfg["max_ongoing_requests"],
-                    max_queued_requests=cfg["max_queued_requests"]),
+                    max_queued_requests=cfg["max_queued_requests"], num_replicas=args.replicas),
             }
             for app in list(apps):
                 try:
@@ -509,7 +532,7 @@ def main(argv=None) -> None:
             for name in names:
                 engine.load_adapter(name, dirs[name])
             for run in report["runs"]:
-                sizes = {1} | {max(1, round(lv["polyhead"]["mean_batch_size"])) for lv in run["levels"]
+                sizes = {1} | {engine_batch(lv["polyhead"], args.replicas) for lv in run["levels"]
                                if good(lv.get("polyhead")) and lv["polyhead"].get("mean_batch_size")}
                 run["engine"] = {}
                 for b in sorted(sizes):
@@ -553,14 +576,14 @@ def warm(url: str, app: str, names: list[str], texts: list[str]) -> None:
 
 def sweep(url, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp) -> dict:
     """Every level for every app at one input length, then the overload runs."""
-    run = {"tokens": tokens, "levels": [], "saturation": {}, "overload": {}}
+    run = {"tokens": tokens, "replicas": args.replicas, "levels": [], "saturation": {}, "overload": {}}
     for app in apps:
         warm(url, app, names[:4], texts)
     time.sleep(push_s + 0.3)  # the warm-up's metrics reach /metrics before the first level's reading
     for conc in levels:
         lv = {"concurrency": conc}
         for app in apps:
-            lv[app] = measure(url, app, conc, texts, names, tokens, args.duration, load, push_s, tmp)
+            lv[app] = measure(url, app, conc, texts, names, tokens, args.duration, load, push_s, tmp, args.replicas)
         run["levels"].append(lv)
     for app in apps:
         run["saturation"][app] = saturation(run["levels"], app)
@@ -568,11 +591,12 @@ def sweep(url, apps, overload_apps, levels, texts, names, tokens, args, load, pu
         sat = run["saturation"].get(app)
         if sat is None:
             continue
-        ref = measure(url, app, sat["concurrency"], texts, names, tokens, args.duration, run_py, push_s, tmp)
+        ref = measure(url, app, sat["concurrency"], texts, names, tokens, args.duration, run_py, push_s, tmp,
+                      args.replicas)
         over_conc = args.overload_factor * sat["concurrency"]
         over = measure(url, app, over_conc, texts, names, tokens, args.duration,
-                       functools.partial(run_py, honour_retry_after=True), push_s, tmp)
-        eager = measure(url, app, over_conc, texts, names, tokens, args.duration, run_py, push_s, tmp)
+                       functools.partial(run_py, honour_retry_after=True), push_s, tmp, args.replicas)
+        eager = measure(url, app, over_conc, texts, names, tokens, args.duration, run_py, push_s, tmp, args.replicas)
         run["overload"][app] = overload_summary(sat, ref, over) if good(ref) and good(over) else \
             {"error": (ref.get("error") or over.get("error") or "?")}
         if good(run["overload"][app]) and good(eager):
@@ -586,14 +610,14 @@ def sweep(url, apps, overload_apps, levels, texts, names, tokens, args, load, pu
     return run
 
 
-def measure(url, app, conc, texts, names, tokens, duration, load, push_s, tmp) -> dict:
+def measure(url, app, conc, texts, names, tokens, duration, load, push_s, tmp, replicas=1) -> dict:
     prefix = PREFIX[app]
     try:
-        before = app_counts(app, url + prefix)
+        before = app_counts(app, url + prefix, replicas)
         res = load(url, prefix, texts, names, conc, duration, seed=conc * 1000 + tokens, tmp=tmp,
                    model_header=app == "multiplexed")
-        wait_idle(app, push_s)
-        res.update(batch_stats(app, before, app_counts(app, url + prefix), res["seconds"]))
+        wait_idle(app, push_s, replicas)
+        res.update(batch_stats(app, before, app_counts(app, url + prefix, replicas), res["seconds"]))
     except Exception as exc:  # noqa: BLE001 - keep the other levels
         print(f"  c={conc} {app}: {type(exc).__name__}: {exc}", flush=True)
         return {"error": re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")}

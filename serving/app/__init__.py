@@ -31,6 +31,7 @@ def build_app(config: ServeConfig | dict | str | Path | None = None):
         cfg = config
     data = cfg.model_dump()
     model = ModelServer.options(
+        num_replicas=cfg.num_replicas,
         ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": cfg.replica_gpus()},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
@@ -106,7 +107,7 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
     Ctrl-C or SIGTERM at any point, start-up included, shuts Serve and Ray's own processes down and returns.
     """
     cfg = load_config(config_path, **overrides)
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.replica_cpus() + cfg.ingress_num_cpus))
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.num_replicas * cfg.replica_cpus() + cfg.ingress_num_cpus))
 
     def interrupt(*_):
         raise KeyboardInterrupt

@@ -40,17 +40,27 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)  # requests (each one call with all its rows) in a model replica
     # admission control, per ingress replica: while it has this many rows at the model, a new request is refused
-    # at once with 429 + Retry-After (under it a request is admitted whole). 2 x max_batch_size keeps one batch
-    # waiting behind the one computing; raise it with the number of model replicas per ingress replica.
+    # at once, before its body is read, with 429 + Retry-After (under it a request is admitted whole).
+    # 2 x max_batch_size keeps one batch waiting behind the one computing; raise it with the number of model
+    # replicas per ingress replica.
     max_pending_rows: int = Field(64, ge=1)
     # requests waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
     # unbounded (Ray's default). A request beyond it answers 429 with Retry-After at once.
     max_queued_requests: int = Field(256, ge=-1)
-    retry_after_s: int = Field(1, ge=0, le=3600)  # Retry-After of 429 (queue full) and 503 (not ready, draining)
+    retry_after_s: int = Field(1, ge=0, le=3600)  # Retry-After of 503 (not ready, draining); the least for 429
+    # a 429's Retry-After: the time the model needs for the rows admitted plus the clients refused lately, at
+    # the rate rows complete (serving/app/admission.py), between retry_after_s and this (the openai client
+    # honours up to 60 s); set both equal for a fixed value
+    max_retry_after_s: int = Field(60, ge=0, le=3600)
     ready_timeout_s: float = Field(2.0, gt=0, le=60)  # /ready waits this long for a model replica to answer
-    num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads in the replica
-    num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of the model replica; None: num_threads
-    num_gpus: float | None = Field(None, ge=0)  # Ray GPUs of the model replica; None: 1 on cuda devices, else 0
+    # model replicas (each one Engine with its own copy of the base) and torch threads in each. On CPU, one
+    # replica per core with one thread each beat one replica with a thread per core (benchmarks/serve_load:
+    # +20-30 % req/s and a lower p50 on 2 cores): a forward's threads wait for each other at every op, so any
+    # other process on a core stalls the whole forward, while separate replicas lose only the time taken.
+    num_replicas: int = Field(1, ge=1)
+    num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads per replica
+    num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of each model replica; None: num_threads
+    num_gpus: float | None = Field(None, ge=0)  # Ray GPUs of each model replica; None: 1 on cuda devices, else 0
     ingress_num_cpus: float = Field(0.1, ge=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -101,6 +111,9 @@ class ServeConfig(BaseModel):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or one-row requests never fill a batch")
+        if self.max_retry_after_s < self.retry_after_s:
+            raise ValueError(f"max_retry_after_s ({self.max_retry_after_s}) must be >= retry_after_s "
+                             f"({self.retry_after_s})")
         return self
 
     def resolved_base_dir(self) -> str:

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, check_name, parse_ref
 
+from .admission import Admission
 from .config import ServeConfig
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label
@@ -163,7 +164,7 @@ class Ingress:
         self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
         self.metrics = Recorder(INGRESS_SERIES)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
-        self._pending_rows = 0  # rows sent to the model and not answered yet (admission, see _run_rows)
+        self.admission = Admission(self.cfg.max_pending_rows, self.cfg.retry_after_s, self.cfg.max_retry_after_s)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config of this deployment, given to every Ingress replica (and again on each change):
@@ -185,11 +186,15 @@ class Ingress:
     def _retry(self) -> dict:
         return {"Retry-After": str(self.cfg.retry_after_s)}
 
-    async def _serve(self, route: str, request: Request, handler) -> Response:
+    async def _serve(self, route: str, request: Request, handler, rows: bool = False) -> Response:
+        """One request of `route`; `rows`: an inference route, refused before its body is read while the
+        admission limit is reached (a refusal then costs little of the CPU the model needs)."""
         if self.pusher is not None:
             self.pusher.ensure_started()
         start = time.perf_counter()
         try:
+            if rows and self.admission.full:
+                raise self._overloaded()
             response = await handler(request)
         except ApiError as exc:
             self.metrics.errors.labels(route, exc.adapter, exc.code).inc()
@@ -225,7 +230,7 @@ class Ingress:
 
     def _overloaded(self) -> ApiError:
         return ApiError(429, "the server is overloaded: the model's queue is full, retry later", "overloaded",
-                        self._retry())
+                        {"Retry-After": str(self.admission.refuse())})
 
     def _unavailable(self, exc: BaseException) -> ApiError:
         return ApiError(503, f"the model is unavailable, retry later ({type(exc).__name__})", "unavailable",
@@ -313,13 +318,14 @@ class Ingress:
     async def _run_rows(self, route: str, rows: list[dict], names: list[str | None]) -> list[dict]:
         """The request's rows in ONE ModelServer call (they join the same batch there).
 
-        Admission: while this ingress replica has `max_pending_rows` rows at the model, a new request is refused
-        at once (429, Retry-After) without reaching the model, so an overloaded server sheds in milliseconds
-        and keeps the latency of what it accepted; under the limit a request is admitted whole, however many
+        Admission (serving/app/admission.py): while this ingress replica has `max_pending_rows` rows at the
+        model, a new request is refused at once (429, Retry-After) without reaching the model, so an overloaded
+        server sheds in milliseconds and keeps the latency of what it accepted; the inference routes check it
+        before reading the body too (_serve). Under the limit a request is admitted whole, however many
         rows it has. The model deployment's own queue limit (Ray's BackPressureError) is a 429 too."""
-        if self._pending_rows >= self.cfg.max_pending_rows:
+        if self.admission.full:
             raise self._overloaded()
-        self._pending_rows += len(rows)
+        self.admission.admit(len(rows))
         start = time.perf_counter()
         call = self.model.infer_rows.remote(rows)
         try:
@@ -332,7 +338,7 @@ class Ingress:
             _cancel(call)
             raise
         finally:
-            self._pending_rows -= len(rows)
+            self.admission.done(len(rows))
         waited = time.perf_counter() - start
         for res in results:
             if res.get("compute_s") is not None:  # it ran in a batch
@@ -411,7 +417,7 @@ class Ingress:
 
     @app.post("/v1/classify")
     async def classify(self, request: Request):
-        return await self._serve("classify", request, self._classify)
+        return await self._serve("classify", request, self._classify, rows=True)
 
     async def _classify(self, request: Request):
         body = self._parse(ClassifyBody, await self._json(request))
@@ -445,7 +451,7 @@ class Ingress:
 
     @app.post("/v1/tag")
     async def tag(self, request: Request):
-        return await self._serve("tag", request, self._tag)
+        return await self._serve("tag", request, self._tag, rows=True)
 
     async def _tag(self, request: Request):
         body = self._parse(TagBody, await self._json(request))
@@ -476,7 +482,7 @@ class Ingress:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request):
-        return await self._serve("embeddings", request, self._embeddings)
+        return await self._serve("embeddings", request, self._embeddings, rows=True)
 
     async def _embeddings(self, request: Request):
         body = self._parse(EmbeddingsBody, await self._json(request))

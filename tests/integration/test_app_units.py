@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from serving.app.admission import Admission
 from serving.app.config import ConfigError, ServeConfig, load_config
 from serving.app.tagging import merge_entities, split_tag
 
@@ -62,8 +63,20 @@ def test_config_defaults_and_derived_values():
     assert ServeConfig(adapters={"a": "/x"}).adapters["a"].path == "/x"
 
 
+def test_build_app_gives_the_model_deployment_its_replicas_and_resources():
+    from serving.app import build_app
+
+    app = build_app({"num_replicas": 3, "num_threads": 1, "adapters": {}})
+    ingress = app._bound_deployment  # Ray's Application: Ingress bound to (ModelServer app, config)
+    model = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, model.name) == ("Ingress", "ModelServer")
+    assert model.num_replicas == 3 and model.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"max_batch_size": 0}, "max_batch_size"),
+    ({"num_replicas": 0}, "num_replicas"),
+    ({"retry_after_s": 5, "max_retry_after_s": 2}, "max_retry_after_s"),
     ({"max_batch_size": 64, "max_ongoing_requests": 8}, "must be >= max_batch_size"),
     ({"dtype": "float8"}, "dtype"),
     ({"port": 70000}, "port"),
@@ -403,6 +416,8 @@ async def asyncio_sleep_forever():
 def _ready_ingress(answer):
     ingress = _ingress(None)
     ingress.cfg = ServeConfig(ready_timeout_s=0.2)
+    ingress.admission = Admission(ingress.cfg.max_pending_rows, ingress.cfg.retry_after_s,
+                                  ingress.cfg.max_retry_after_s)
     ingress._info, ingress.shutting_down, ingress.drain_requested = None, False, False
     ingress.model = SimpleNamespace(info=SimpleNamespace(remote=lambda: answer))
     return ingress

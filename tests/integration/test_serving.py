@@ -245,7 +245,8 @@ def test_a_flood_beyond_the_queue_is_shed_with_429_json_quickly_while_accepted_r
     served = [s for r, s in results if r.status_code == 200]
     for r, _ in results:
         if r.status_code == 429:
-            assert r.headers["retry-after"] == "1"
+            # the time the model needs for the rows admitted and the clients refused (serving/app/admission.py)
+            assert 1 <= int(r.headers["retry-after"]) <= 60, r.headers
             assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "rate_limit_error",
                                          "code": "overloaded"}
         else:

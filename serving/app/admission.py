@@ -1,0 +1,87 @@
+"""Admission control of one ingress replica: how many rows it has at the model, and the Retry-After of what it
+refuses.
+
+A request is admitted whole while fewer than `max_pending_rows` rows are at the model; beyond that it is refused
+(429) before its body is read, so a refusal costs little of the CPU the model needs.
+
+Retry-After is the time the model needs to work off the rows already admitted plus one row for each client
+refused since the last advice went out, at the rate this replica has seen the model complete rows while it had
+rows there (idle time does not count, so a quiet spell does not make the model look slow):
+
+    retry_after = ceil((pending_rows + recent_refusals) / rows_per_busy_s), clamped to [min_s, max_s]
+
+A client that honours it (the openai client does, up to 60 s) comes back when there is room for it, so refused
+clients return spread over the time the model needs to serve them instead of all at once every second, and the
+model keeps the CPU it needs for the rows it accepted. Where no row has completed in the window (cold start, a
+stalled model) the advice is `min_s`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import Callable
+
+
+class Admission:
+    def __init__(self, max_pending_rows: int, min_retry_s: int, max_retry_s: int, window_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if max_retry_s < min_retry_s:
+            raise ValueError(f"max_retry_s ({max_retry_s}) is below min_retry_s ({min_retry_s})")
+        self.max_pending_rows = max_pending_rows
+        self.min_retry_s, self.max_retry_s = min_retry_s, max_retry_s
+        self.window_s = window_s
+        self.clock = clock
+        self.pending_rows = 0  # rows sent to the model and not answered yet
+        self._completed: deque[tuple[float, int]] = deque()  # (time, rows) of answered calls, last window_s
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of spells with rows pending, last window_s
+        self._busy_since: float | None = None  # start of the current spell, None while nothing is pending
+        self._refused: deque[float] = deque()  # times of refusals since the current advice went out
+        self._advice = min_retry_s  # the last Retry-After given
+
+    @property
+    def full(self) -> bool:
+        return self.pending_rows >= self.max_pending_rows
+
+    def admit(self, rows: int) -> None:
+        if self.pending_rows == 0:
+            self._busy_since = self.clock()
+        self.pending_rows += rows
+
+    def done(self, rows: int) -> None:
+        """`rows` admitted rows came back (answered, failed or cancelled)."""
+        now = self.clock()
+        self.pending_rows -= rows
+        self._completed.append((now, rows))
+        if self.pending_rows == 0 and self._busy_since is not None:
+            self._busy.append((self._busy_since, now))
+            self._busy_since = None
+
+    def rows_per_s(self) -> float | None:
+        """Rows completed per second of busy time (rows pending) over the last window_s; None before any
+        completed in it."""
+        now = self.clock()
+        start = now - self.window_s
+        while self._completed and self._completed[0][0] < start:
+            self._completed.popleft()
+        while self._busy and self._busy[0][1] < start:
+            self._busy.popleft()
+        if not self._completed:
+            return None
+        spells = list(self._busy) + ([(self._busy_since, now)] if self._busy_since is not None else [])
+        busy = sum(end - max(begin, start) for begin, end in spells)
+        return sum(rows for _, rows in self._completed) / max(busy, 1e-3)
+
+    def refuse(self) -> int:
+        """Record a refused request; the Retry-After (whole seconds) to give it."""
+        now = self.clock()
+        while self._refused and self._refused[0] < now - self._advice:
+            self._refused.popleft()  # a client that honours the advice is back by now: counted once
+        self._refused.append(now)
+        rate = self.rows_per_s()
+        if rate is None:
+            self._advice = self.min_retry_s
+        else:
+            wanted = math.ceil((self.pending_rows + len(self._refused)) / rate)
+            self._advice = min(self.max_retry_s, max(self.min_retry_s, wanted))
+        return self._advice

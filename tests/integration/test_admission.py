@@ -1,0 +1,103 @@
+"""serving/app/admission.py without Ray: the admission limit and the Retry-After it advises, on a fake clock."""
+from __future__ import annotations
+
+import pytest
+
+from serving.app.admission import Admission
+from serving.app.config import ServeConfig
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def served(adm: Admission, clock: Clock, rows_per_s: int, seconds: int) -> None:
+    """The model completes `rows_per_s` one-row calls per second for `seconds` seconds."""
+    for _ in range(seconds * rows_per_s):
+        adm.admit(1)
+        clock.t += 1 / rows_per_s
+        adm.done(1)
+
+
+def test_full_at_the_limit_and_a_large_request_is_admitted_whole():
+    adm = Admission(max_pending_rows=64, min_retry_s=1, max_retry_s=60, clock=Clock())
+    assert not adm.full
+    adm.admit(63)
+    assert not adm.full
+    adm.admit(256)  # admitted whole: the limit is checked before, not split
+    assert adm.full and adm.pending_rows == 319
+    adm.done(256)
+    adm.done(63)
+    assert adm.pending_rows == 0 and not adm.full
+
+
+def test_advice_is_the_minimum_before_any_row_completed():
+    adm = Admission(64, min_retry_s=2, max_retry_s=60, clock=Clock())
+    adm.admit(64)
+    assert [adm.refuse() for _ in range(50)] == [2] * 50
+
+
+def test_advice_covers_the_backlog_and_the_refused_clients_at_the_completion_rate():
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
+    served(adm, clock, rows_per_s=20, seconds=10)
+    assert adm.rows_per_s() == pytest.approx(20, rel=0.02)
+    adm.admit(64)
+    # 64 rows admitted at 20 rows/s: 3.2 s of work before a refused client finds room -> 4 s
+    assert adm.refuse() == 4
+    # 96 clients refused within that advice: (64 + 96) / 20 = 8 s for the last of them
+    advice = [adm.refuse() for _ in range(95)]
+    assert advice == sorted(advice) and advice[-1] == 8
+    # while the model keeps serving, the clients refused more than one advice ago are back (or not waiting):
+    # they no longer count, and the advice falls back to the backlog alone
+    served(adm, clock, rows_per_s=20, seconds=9)
+    assert adm.refuse() == 4
+
+
+def test_advice_stays_within_its_bounds():
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=5, clock=clock)
+    served(adm, clock, rows_per_s=2, seconds=10)
+    adm.admit(64)
+    assert adm.refuse() == 5  # (64 + 1) / 2 = 33 s, capped
+    fast = Admission(64, min_retry_s=3, max_retry_s=60, clock=clock)
+    served(fast, clock, rows_per_s=1000, seconds=2)
+    fast.admit(64)
+    assert fast.refuse() == 3  # 0.07 s of work, raised to the minimum
+
+
+def test_idle_time_does_not_make_the_model_look_slow():
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
+    for _ in range(5):  # one row every 2 s, each answered in 50 ms: 20 rows per busy second
+        adm.admit(1)
+        clock.t += 0.05
+        adm.done(1)
+        clock.t += 1.95
+    assert adm.rows_per_s() == pytest.approx(20)
+    adm.admit(64)
+    clock.t += 0.01
+    assert adm.refuse() == 4  # (64 + 1) / 20 rows/s, not 65 rows / 10 s
+
+
+def test_a_quiet_window_forgets_the_rate():
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, window_s=10, clock=clock)
+    served(adm, clock, rows_per_s=5, seconds=3)
+    clock.t += 11
+    assert adm.rows_per_s() is None
+    adm.admit(64)
+    assert adm.refuse() == 1
+
+
+def test_config_bounds_are_checked():
+    with pytest.raises(ValueError, match="max_retry_after_s"):
+        ServeConfig(retry_after_s=10, max_retry_after_s=5)
+    with pytest.raises(ValueError, match="max_retry_s"):
+        Admission(64, min_retry_s=10, max_retry_s=5)
+    cfg = ServeConfig(retry_after_s=2, max_retry_after_s=2)
+    assert (cfg.retry_after_s, cfg.max_retry_after_s) == (2, 2)
