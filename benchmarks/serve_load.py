@@ -180,8 +180,13 @@ def app_counts(app: str, url: str, replicas: int = 1) -> dict:
 
 
 def engine_batch(level: dict, replicas: int) -> int:
-    """The in-process reference's batch for a level: the rows polyhead's replicas had in batches together."""
-    return max(1, round(level["mean_batch_size"] * replicas))
+    """The in-process reference's batch for a level: the rows polyhead's replicas had in batches together,
+    i.e. the mean batch times the mean number of replicas computing (their compute time over the wall time,
+    at most `replicas`)."""
+    busy = 1.0
+    if level.get("batches") and level.get("mean_batch_compute_ms") and level.get("seconds"):
+        busy = level["batches"] * level["mean_batch_compute_ms"] / 1000 / level["seconds"]
+    return max(1, round(level["mean_batch_size"] * min(float(replicas), max(1.0, busy))))
 
 
 def batch_stats(app: str, before: dict, after: dict, seconds: float) -> dict:
@@ -446,6 +451,7 @@ def main(argv=None) -> None:
     ap.add_argument("--replicas", type=int, default=os.cpu_count() or 1,
                     help="model replicas of polyhead and of the multiplexed app (default: one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model replica (default 1)")
+    ap.add_argument("--engine-nice", type=int, default=None, help="ServeConfig.engine_nice (default: its default)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (smoke runs: a temp dir)")
     args = ap.parse_args(argv)
     levels = sorted({int(x) for x in args.levels.split(",") if x})
@@ -481,6 +487,8 @@ def main(argv=None) -> None:
                "max_pending_rows": 2 * args.max_batch_size,
                "num_replicas": args.replicas, "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16,
                "adapters": dirs}
+        if args.engine_nice is not None:
+            cfg["engine_nice"] = args.engine_nice
         full = load_config(None, **cfg)
         push_s = getattr(full, "metrics_push_s", 0.0)
         start_local_ray(2 * args.replicas * args.threads + 2, log_to_driver=False)

@@ -59,6 +59,10 @@ class ServeConfig(BaseModel):
     # other process on a core stalls the whole forward, while separate replicas lose only the time taken.
     num_replicas: int = Field(1, ge=1)
     num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads per replica
+    # the engine thread's (and its torch threads') nice value above the replica's: where cores are shared, the
+    # HTTP side (Ray's proxy, the ingress, the replica's event loop) answers - or refuses - before the forward
+    # takes the CPU back, so refusals stay fast under overload; the forward loses only the time they take
+    engine_nice: int = Field(4, ge=0, le=19)
     num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of each model replica; None: num_threads
     num_gpus: float | None = Field(None, ge=0)  # Ray GPUs of each model replica; None: 1 on cuda devices, else 0
     ingress_num_cpus: float = Field(0.1, ge=0)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +92,7 @@ class ModelServer:
 
     @staticmethod
     def _build_engine(cfg: ServeConfig) -> Engine:
+        lower_thread_priority(cfg.engine_nice)  # before torch starts its threads: they inherit it
         torch.set_num_threads(cfg.num_threads)  # Ray sets OMP_NUM_THREADS to the replica's CPUs
         return Engine.from_pretrained(cfg.resolved_base_dir(), device=cfg.device, dtype=cfg.dtype,
                                       max_slots=cfg.max_slots, max_rank=cfg.max_rank,
@@ -330,3 +333,15 @@ class ModelServer:
     async def stats(self) -> dict:
         stats = await self._on_engine(self.engine.stats)  # takes the engine lock: off the event loop
         return dict(stats, adapter_loads=self.loads, batches=self._batches)
+
+
+def lower_thread_priority(steps: int) -> int:
+    """Raise the calling thread's nice value by `steps` (at most 19; lowering one's own priority needs no
+    privilege). Threads it starts later inherit it. Returns the new value; a no-op where the OS has no
+    per-thread nice value."""
+    if steps <= 0 or not hasattr(os, "setpriority"):
+        return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+    tid = threading.get_native_id()  # Linux: PRIO_PROCESS with a thread id sets that thread only
+    value = min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps)
+    os.setpriority(os.PRIO_PROCESS, tid, value)
+    return value

@@ -469,3 +469,30 @@ def test_ready_maps_a_full_queue_and_an_unavailable_model():
 
     gone = DeploymentUnavailableError(DeploymentID(name="ModelServer", app_name="polyhead"))
     assert _ready(_ready_ingress(_Response(gone))) == (503, "unavailable")
+
+
+# engine thread priority -----------------------------------------------------------------------
+
+def test_lower_thread_priority_changes_the_calling_thread_only_and_is_inherited():
+    import os
+    import threading
+
+    from serving.app.deployments import lower_thread_priority
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def engine_thread():
+        seen["set"] = lower_thread_priority(3)
+        seen["own"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.setdefault("child", os.getpriority(
+            os.PRIO_PROCESS, threading.get_native_id())))
+        child.start()
+        child.join()
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen["set"] == seen["own"] == seen["child"] == min(19, main_nice + 3)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+    assert lower_thread_priority(0) == main_nice
