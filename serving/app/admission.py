@@ -48,11 +48,13 @@ class Admission:
             self._busy_since = self.clock()
         self.pending_rows += rows
 
-    def done(self, rows: int) -> None:
-        """`rows` admitted rows came back (answered, failed or cancelled)."""
+    def done(self, rows: int, answered: bool = True) -> None:
+        """`rows` admitted rows came back: answered by the model (they count towards its rate), or not
+        (refused by its queue, unavailable, cancelled)."""
         now = self.clock()
         self.pending_rows -= rows
-        self._completed.append((now, rows))
+        if answered:
+            self._completed.append((now, rows))
         if self.pending_rows == 0 and self._busy_since is not None:
             self._busy.append((self._busy_since, now))
             self._busy_since = None

@@ -328,6 +328,7 @@ class Ingress:
         self.admission.admit(len(rows))
         start = time.perf_counter()
         call = self.model.infer_rows.remote(rows)
+        results = None
         try:
             results = await call
         except BackPressureError:
@@ -338,7 +339,7 @@ class Ingress:
             _cancel(call)
             raise
         finally:
-            self.admission.done(len(rows))
+            self.admission.done(len(rows), answered=results is not None)
         waited = time.perf_counter() - start
         for res in results:
             if res.get("compute_s") is not None:  # it ran in a batch

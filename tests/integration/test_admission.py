@@ -84,6 +84,17 @@ def test_idle_time_does_not_make_the_model_look_slow():
     assert adm.refuse() == 4  # (64 + 1) / 20 rows/s, not 65 rows / 10 s
 
 
+def test_rows_the_model_did_not_answer_leave_the_rate_alone():
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
+    served(adm, clock, rows_per_s=10, seconds=5)
+    for _ in range(100):  # refused by the model's queue at once: no evidence that it got faster
+        adm.admit(1)
+        adm.done(1, answered=False)
+    assert adm.pending_rows == 0
+    assert adm.rows_per_s() == pytest.approx(10, rel=0.02)
+
+
 def test_a_quiet_window_forgets_the_rate():
     clock = Clock()
     adm = Admission(64, min_retry_s=1, max_retry_s=60, window_s=10, clock=clock)
