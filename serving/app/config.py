@@ -54,9 +54,10 @@ class ServeConfig(BaseModel):
     max_retry_after_s: int = Field(60, ge=0, le=3600)
     ready_timeout_s: float = Field(2.0, gt=0, le=60)  # /ready waits this long for a model replica to answer
     # model replicas (each one Engine with its own copy of the base) and torch threads in each. On CPU, one
-    # replica per core with one thread each beat one replica with a thread per core (benchmarks/serve_load:
-    # +20-30 % req/s and a lower p50 on 2 cores): a forward's threads wait for each other at every op, so any
-    # other process on a core stalls the whole forward, while separate replicas lose only the time taken.
+    # replica per core with one thread each served 20-30 % more req/s than one replica with a thread per core
+    # (benchmarks/serve_load, 2 cores): a forward's threads wait for each other at every op, so any other
+    # process on a core stalls the whole forward, while separate replicas lose only the time taken. A lone
+    # long row is slower on one thread (128 tokens: 41 vs 27 ms in-process).
     num_replicas: int = Field(1, ge=1)
     num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads per replica
     # the engine thread's (and its torch threads') nice value above the replica's: where cores are shared, the
