@@ -60,10 +60,11 @@ class ServeConfig(BaseModel):
     # long row is slower on one thread (128 tokens: 41 vs 27 ms in-process).
     num_replicas: int = Field(1, ge=1)
     num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads per replica
-    # the engine thread's (and its torch threads') nice value above the replica's: where cores are shared, the
-    # HTTP side (Ray's proxy, the ingress, the replica's event loop) answers - or refuses - before the forward
-    # takes the CPU back, so refusals stay fast under overload; the forward loses only the time they take
-    engine_nice: int = Field(4, ge=0, le=19)
+    # the engine thread's (and its torch threads') nice value above the replica's (at most 19): where cores are
+    # shared, the HTTP side (Ray's proxy, the ingress, the replica's event loop) answers - or refuses - before
+    # the forward takes the CPU back, so refusals stay fast under overload; the forward loses only the time
+    # they take. start_local_ray runs Ray's workers at nice 0, so the engine runs at 10.
+    engine_nice: int = Field(10, ge=0, le=19)
     num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of each model replica; None: num_threads
     num_gpus: float | None = Field(None, ge=0)  # Ray GPUs of each model replica; None: 1 on cuda devices, else 0
     ingress_num_cpus: float = Field(0.1, ge=0)

@@ -357,3 +357,29 @@ def test_a_version_published_into_the_store_elsewhere_is_picked_up(client, engin
     for model in ("shared", "shared@1"):
         r = client.post("/v1/classify", json={"model": model, "input": text})
         assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
+
+
+def test_ray_workers_run_at_nice_0_and_the_engine_thread_below_them(server, client):
+    """start_local_ray keeps Ray's workers at nice 0 (Ray's own default is 15); the model replica's engine
+    thread lowers itself by engine_nice (10), so the HTTP side wins the CPU over a forward."""
+    import os
+    from pathlib import Path
+
+    import ray
+
+    assert ray.get(ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote()) == 0
+    assert client.post("/v1/classify", json={"model": "cls-a", "input": "a forward"}).status_code == 200
+    replicas = [p for p in Path("/proc").iterdir() if p.name.isdigit() and
+                "ServeReplica:polyhead:ModelServer" in _read(p / "cmdline")]
+    assert replicas, "no ModelServer replica process found"
+    for proc in replicas:
+        nice = {int(_read(t / "stat").rsplit(")", 1)[1].split()[16]) for t in (proc / "task").iterdir()}
+        assert int(_read(proc / "stat").rsplit(")", 1)[1].split()[16]) == 0
+        assert 10 in nice and nice <= {0, 10}, nice
+
+
+def _read(path) -> str:
+    try:
+        return path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
