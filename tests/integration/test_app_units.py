@@ -496,3 +496,14 @@ def test_lower_thread_priority_changes_the_calling_thread_only_and_is_inherited(
     assert seen["set"] == seen["own"] == seen["child"] == min(19, main_nice + 3)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
     assert lower_thread_priority(0) == main_nice
+
+
+def test_the_metrics_hub_module_does_not_import_torch():
+    """The hub actor only merges metrics: its worker must not pay torch's import (memory, start-up)."""
+    import subprocess
+    import sys
+
+    code = "import sys, serving.app.hub; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
