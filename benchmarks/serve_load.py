@@ -13,7 +13,8 @@ One local Ray Serve instance, every Ray port on 127.0.0.1 (serving.app.start_loc
 and afterwards, with Ray stopped:
   engine       serving.Engine.infer in this process, with a torch thread per core, on the same texts
                (tokenization included), at 1 row and at the rows polyhead had in its batches at each level
-               (mean batch size x replicas: one engine doing all the work; rows/s = batch / time per call)
+               (mean batch size x mean replicas computing: one engine doing all the work; rows/s = batch /
+               time per call)
 
 Load (benchmarks/load_clients.py): closed loop, `wrk` + Lua when installed (else the py client), each request
 POST /v1/embeddings or /v1/classify (half each) for a random adapter among 64 PEFT LoRA adapters (r=16,
@@ -416,7 +417,8 @@ def write_report(report: dict, out: Path, client: str) -> None:
              f"{s['routes']}; {report['machine']['cpus']} CPUs shared by server and client. floor = same Ingress, "
              "stub model; multiplexed = @serve.multiplexed(max_num_models_per_replica=8), one PEFT model per "
              "adapter, as many replicas and threads as polyhead's model; engine = Engine.infer in-process, a torch "
-             "thread per core, at polyhead's mean batch size x its replicas (one engine doing all the work). "
+             "thread per core, at polyhead's mean batch size x its mean replicas computing (one engine doing all "
+             "the work). "
              f"App config: `{json.dumps(s['app_config'])}`.\n"]
     for run in report["runs"]:
         parts.append(f"## {run['tokens']}-token inputs\n\n{level_table(run)}\n")
