@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, ServeConfig, load_config
+from .gate import CALLBACK as GATE_CALLBACK
 
 __all__ = ["ConfigError", "ServeConfig", "build_app", "load_config", "run", "start_local_ray"]
 
@@ -62,9 +63,13 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     a CFS weight of 1024 to 110 instead of 36 to 15 (serve_load, 32 tokens: +10 % req/s at saturation,
     4x-overload goodput 0.99 vs 0.88 of peak, shed p99 0.4 vs 0.7 s), and is no longer 28x weaker than
     any other process on the machine.
+
+    Serve's proxy gets polyhead's front gate (serving/app/gate.py: overload is refused in the proxy, before
+    any Ray work) through RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, unless that variable is already set.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when Ray's constants are imported
     os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this starts
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)  # read by Serve's proxy
     import ray
 
     constants = sys.modules.get("ray._private.ray_constants")

@@ -32,6 +32,7 @@ from adapters_store import AdapterError, check_name, parse_ref
 
 from .admission import Admission
 from .config import ServeConfig
+from .gate import ADMISSION_HEADER, admission_header
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label
 from .routing import UnknownModel, resolve_model
@@ -49,6 +50,7 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
 LOCAL_CLIENTS = ("127.0.0.1", "::1", "localhost")
+GATE_HEADER = ADMISSION_HEADER.decode()  # read and removed by the front gate in Ray's proxy
 
 
 class ApiError(Exception):
@@ -165,6 +167,7 @@ class Ingress:
         self.metrics = Recorder(INGRESS_SERIES)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
         self.admission = Admission(self.cfg.max_pending_rows, self.cfg.retry_after_s, self.cfg.max_retry_after_s)
+        self.gate_config = self._gate_config()
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config of this deployment, given to every Ingress replica (and again on each change):
@@ -183,6 +186,16 @@ class Ingress:
 
     # plumbing -----------------------------------------------------------------------------
 
+    def _gate_config(self) -> str | None:
+        """ADMISSION_HEADER's value for the front gate in Ray's proxy (serving/app/gate.py); None outside Serve."""
+        try:
+            app_name = serve.get_replica_context().app_name
+        except Exception:  # noqa: BLE001 - not in a Serve replica: no proxy in front
+            return None
+        limit = self.cfg.gate_max_requests
+        return admission_header(app_name, self.cfg.max_pending_rows if limit is None else limit,
+                                self.cfg.retry_after_s, self.cfg.max_retry_after_s, self.cfg.metrics_push_s)
+
     def _retry(self) -> dict:
         return {"Retry-After": str(self.cfg.retry_after_s)}
 
@@ -199,6 +212,8 @@ class Ingress:
         except ApiError as exc:
             self.metrics.errors.labels(route, exc.adapter, exc.code).inc()
             response = error_response(exc.status, exc.message, exc.code, exc.headers)
+        if rows and self.gate_config is not None:
+            response.headers[GATE_HEADER] = self.gate_config
         self.metrics.requests.labels(route, response.status_code).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response

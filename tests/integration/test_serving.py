@@ -264,6 +264,40 @@ def test_a_flood_beyond_the_queue_is_shed_with_429_json_quickly_while_accepted_r
     assert client.post("/v1/classify", json={"model": "cls-a", "input": "after the storm"}).status_code == 200
 
 
+def test_the_front_gate_in_rays_proxy_refuses_requests_beyond_its_limit_before_the_ingress(server, client, engine):
+    """120 one-row requests at once against the gate's limit of max_pending_rows (64) requests out: the gate in
+    Serve's proxy (serving/app/gate.py) answers the excess 429 with the ingress's JSON body; what it lets
+    through is served correctly; it counts its refusals in the app's metrics (its own source) and removes
+    the admission header the ingress sends it."""
+    text = "the gate: " + TEXTS[0]
+    expected = alone(engine, "cls-a", text).logits
+    first = client.post("/v1/classify", json={"model": "cls-a", "input": text})  # the gate learns the app's limit
+    assert first.status_code == 200 and "x-polyhead-admission" not in first.headers
+    before = metrics(client)
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=server, timeout=60, limits=httpx.Limits(max_connections=None)) as c:
+            return await asyncio.gather(*[c.post("/v1/classify", json={"model": "cls-a", "input": text})
+                                          for _ in range(120)])
+
+    results = asyncio.run(flood())
+    codes = [r.status_code for r in results]
+    assert codes.count(429) >= 120 - 64 and 200 in codes and set(codes) <= {200, 429}, codes
+    for r in results:
+        assert "x-polyhead-admission" not in r.headers
+        if r.status_code == 429:
+            assert 1 <= int(r.headers["retry-after"]) <= 60
+            assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "overloaded"
+        else:
+            close(r.json()["data"][0]["logits"], expected)
+    after = metrics(client)
+    assert sample(after, "polyhead_metrics_sources", deployment="Gate") == 1
+    assert sample(after, "polyhead_requests_total", route="classify", code="429") - \
+           sample(before, "polyhead_requests_total", route="classify", code="429") == codes.count(429)
+    assert sample(after, "polyhead_requests_total", route="classify", code="200") - \
+           sample(before, "polyhead_requests_total", route="classify", code="200") == codes.count(200)
+
+
 def test_an_operator_drain_makes_ready_503_while_requests_are_still_served(client):
     """What `user_config: {draining: true}` on the Ingress deployment does (Serve calls reconfigure on every
     replica); here called through a handle on this app's one Ingress replica."""

@@ -1,0 +1,179 @@
+"""The front gate: admission in Ray's HTTP proxy, before an overloaded server spends Ray work on a request.
+
+Ray Serve's proxy wraps its ASGI app in the Starlette middlewares returned by the function that
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names, called when the proxy starts; `middlewares()` is that
+function (`start_local_ray` sets the variable; deploy/ sets it in the cluster's pods).
+
+`Gate` counts, per route prefix, the inference requests (POST .../v1/classify, /v1/tag, /v1/embeddings)
+this proxy has passed on and not yet answered. While a polyhead app's limit of them is out, a new one is
+answered 429 at once, with the ingress's JSON error body and a Retry-After from the same rule
+(serving/app/admission.py, in requests instead of rows), and is never routed.
+
+Why: a request that reaches the ingress has already cost Ray's proxy (~6 ms of CPU on the 2-core dev
+machine) and the ingress replica's Ray machinery (~8 ms) before its handler can refuse it, and under
+overload refusals queue behind that work (serve_load, 32 tokens, 4x overload: shed p99 1.4 s without the
+gate, 0.2 s with it). Here a refusal costs the HTTP parse and one small response.
+
+The gate learns each app from its own answers: the ingress puts ADMISSION_HEADER on every inference answer
+(app name, limit, Retry-After bounds, metrics push interval; serving/app/http.py), which the gate reads and
+removes. So it gates only polyhead apps, follows their config when they are redeployed, and passes
+everything on until an app has answered once. The ingress's own row admission (max_pending_rows) stays: it
+counts rows, and a request of many rows can pass the gate and still be refused there.
+
+Refusals are counted in the app's request, error and latency series (route, code 429; adapter "none", type
+"overloaded"), pushed to the app's MetricsHub like a replica's (deployment "Gate", one source per proxy and
+app), so GET /metrics counts them with everything else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from urllib.parse import quote, unquote
+
+from .admission import Admission
+
+GATED = {"/v1/classify": "classify", "/v1/tag": "tag", "/v1/embeddings": "embeddings"}  # path -> metrics route
+ADMISSION_HEADER = b"x-polyhead-admission"
+CALLBACK = "serving.app.gate:middlewares"  # the value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+REFUSAL = {"message": "the server is overloaded: the model's queue is full, retry later", "type": "rate_limit_error",
+           "code": "overloaded"}  # as the ingress answers it (http.py: error_response, Ingress._overloaded)
+UNLIMITED = sys.maxsize
+
+
+def middlewares() -> list:
+    """The proxy callback."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(Gate)]
+
+
+def admission_header(app: str, max_requests: int, min_retry_s: int, max_retry_s: int, push_s: float) -> str:
+    """The value the ingress sends; max_requests 0 turns the gate off for that app."""
+    return f"app={quote(app, safe='')};max={max_requests};retry={min_retry_s}-{max_retry_s};push={push_s:g}"
+
+
+def parse_admission(value: str) -> dict | None:
+    """admission_header's fields, None if malformed."""
+    try:
+        fields = dict(part.split("=", 1) for part in value.split(";"))
+        low, high = fields["retry"].split("-")
+        out = {"app": unquote(fields["app"]), "max": int(fields["max"]), "min_retry_s": int(low),
+               "max_retry_s": int(high), "push_s": float(fields["push"])}
+    except (KeyError, ValueError):
+        return None
+    if out["max"] < 0 or out["min_retry_s"] < 0 or out["max_retry_s"] < out["min_retry_s"] or out["push_s"] <= 0:
+        return None
+    return out
+
+
+def gated_route(scope: dict) -> tuple[str, str] | None:
+    """(route prefix, metrics route) of an inference request; None for anything else."""
+    if scope.get("type") != "http" or scope.get("method") != "POST":
+        return None
+    path = scope.get("path", "")
+    for suffix, route in GATED.items():
+        if path.endswith(suffix):
+            return path[: -len(suffix)], route
+    return None
+
+
+class AppGate:
+    """One route prefix: its requests out, and once its app has answered, its limit and metrics."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.admission = Admission(UNLIMITED, 1, 1)
+        self.config: dict | None = None
+        self.recorder = None
+        self.pusher = None
+
+    def configure(self, config: dict) -> None:
+        adm = self.admission
+        adm.max_pending_rows = config["max"] or UNLIMITED
+        adm.min_retry_s, adm.max_retry_s = config["min_retry_s"], config["max_retry_s"]
+        if self.config is None or config["app"] != self.config["app"]:
+            self.recorder, self.pusher = _app_metrics(config["app"], self.prefix, config["push_s"])
+        self.config = config
+        if self.pusher is not None:
+            self.pusher.ensure_started()  # from here on the app's GET /metrics counts this source
+
+    def count_refusal(self, route: str, seconds: float) -> None:
+        if self.recorder is None:
+            return
+        self.recorder.requests.labels(route, 429).inc()
+        self.recorder.errors.labels(route, "none", "overloaded").inc()
+        self.recorder.latency.labels(route).observe(seconds)
+
+
+def _app_metrics(app: str, prefix: str, push_s: float):
+    """A Recorder of the ingress's request series, and its pusher to the app's hub (None outside Ray)."""
+    from .metrics import INGRESS_SERIES, Recorder
+
+    recorder = Recorder({k: INGRESS_SERIES[k] for k in ("requests", "errors", "latency")})
+    pusher = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from .hub import MetricsPusher
+
+            source = f"gate:{ray.get_runtime_context().get_node_id()}:{os.getpid()}:{prefix or '/'}"
+            pusher = MetricsPusher(recorder, app, "Gate", source, push_s)
+    except Exception:  # noqa: BLE001 - metrics never stop the gate
+        pusher = None
+    return recorder, pusher
+
+
+class Gate:
+    """Pure ASGI middleware (no body buffering). A request counts as out from its arrival to the end of its
+    answer; a 2xx answer counts towards the rate Retry-After is computed from."""
+
+    def __init__(self, app):
+        self.app = app
+        self.gates: dict[str, AppGate] = {}
+
+    async def __call__(self, scope, receive, send):
+        gated = gated_route(scope)
+        if gated is None:
+            return await self.app(scope, receive, send)
+        prefix, route = gated
+        gate = self.gates.get(prefix)
+        if gate is None:
+            gate = self.gates[prefix] = AppGate(prefix)
+        adm = gate.admission
+        if adm.full:
+            start = time.perf_counter()
+            await _refuse(send, adm.refuse())
+            gate.count_refusal(route, time.perf_counter() - start)
+            return
+        status = 0
+
+        async def send_reading_admission(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.get("headers") or []
+                if any(k.lower() == ADMISSION_HEADER for k, _ in headers):
+                    for key, value in headers:
+                        if key.lower() == ADMISSION_HEADER:
+                            config = parse_admission(value.decode("latin-1"))
+                            if config is not None and config != gate.config:
+                                gate.configure(config)
+                    message = {**message, "headers": [(k, v) for k, v in headers if k.lower() != ADMISSION_HEADER]}
+            await send(message)
+
+        adm.admit(1)
+        try:
+            await self.app(scope, receive, send_reading_admission)
+        finally:
+            adm.done(1, answered=200 <= status < 300)
+
+
+async def _refuse(send, retry_after: int) -> None:
+    body = json.dumps({"error": REFUSAL}).encode()
+    await send({"type": "http.response.start", "status": 429,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", str(retry_after).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,162 @@
+"""The front gate (serving/app/gate.py) as a plain ASGI middleware, without Ray: what it gates, how it learns an
+app's limit from the app's answers, and what a refusal looks like. Under a real Serve proxy: test_serving."""
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from serving.app.admission import Admission
+
+from serving.app.gate import (ADMISSION_HEADER, Gate, admission_header, gated_route, middlewares,
+                              parse_admission)
+from serving.app.http import Ingress, error_response
+
+
+def _scope(path: str, method: str = "POST") -> dict:
+    return {"type": "http", "method": method, "path": path, "headers": []}
+
+
+class App:
+    """An ASGI app whose answers the test releases one by one; each carries the admission header."""
+
+    def __init__(self, header: str | None, status: int = 200):
+        self.header, self.status = header, status
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope, receive, send):
+        self.calls += 1
+        await self.release.wait()
+        headers = [(b"content-type", b"application/json")]
+        if self.header is not None:
+            headers.append((ADMISSION_HEADER, self.header.encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def _call(gate, path="/v1/classify", method="POST") -> tuple[int, dict, bytes]:
+    messages = []
+
+    async def send(message):
+        messages.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await gate(_scope(path, method), receive, send)
+    start = messages[0]
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+@pytest.mark.parametrize("method,path,expected", [
+    ("POST", "/v1/classify", ("", "classify")),
+    ("POST", "/v1/tag", ("", "tag")),
+    ("POST", "/v1/embeddings", ("", "embeddings")),
+    ("POST", "/team-a/v1/embeddings", ("/team-a", "embeddings")),
+    ("GET", "/v1/embeddings", None),
+    ("POST", "/v1/adapters", None),
+    ("GET", "/metrics", None),
+    ("POST", "/v1/classify/extra", None),
+])
+def test_only_inference_posts_are_gated(method, path, expected):
+    assert gated_route(_scope(path, method)) == expected
+
+
+def test_admission_header_round_trip_and_malformed_values():
+    value = admission_header("my app;x=1", 64, 1, 60, 0.5)
+    assert parse_admission(value) == {"app": "my app;x=1", "max": 64, "min_retry_s": 1, "max_retry_s": 60,
+                                      "push_s": 0.5}
+    for bad in ["", "app=a", "app=a;max=x;retry=1-2;push=1", "app=a;max=1;retry=3-2;push=1",
+                "app=a;max=-1;retry=1-2;push=1", "app=a;max=1;retry=1-2;push=0", "app=a;max=1;retry=12;push=1"]:
+        assert parse_admission(bad) is None, bad
+
+
+def test_the_proxy_callback_returns_the_gate():
+    (middleware,) = middlewares()
+    assert middleware.cls is Gate
+
+
+def test_gate_passes_everything_until_the_app_has_answered_then_refuses_beyond_its_limit():
+    async def main():
+        app = App(admission_header("polyhead", 2, 1, 60, 1.0))
+        gate = Gate(app)
+        first = [asyncio.create_task(_call(gate)) for _ in range(3)]  # no limit known yet: all three pass
+        await asyncio.sleep(0.01)
+        assert app.calls == 3
+        app.release.set()
+        for status, headers, _ in await asyncio.gather(*first):
+            assert status == 200
+            assert ADMISSION_HEADER.decode() not in headers  # the gate removes it
+        app.release.clear()
+        held = [asyncio.create_task(_call(gate)) for _ in range(2)]  # the limit: 2 out
+        await asyncio.sleep(0.01)
+        status, headers, body = await _call(gate, "/v1/embeddings")
+        assert (status, app.calls) == (429, 5)  # refused without reaching the app
+        assert int(headers["retry-after"]) >= 1
+        refused = Ingress.func_or_class._overloaded(SimpleNamespace(admission=Admission(1, 1, 60)))  # the ingress's own 429
+        assert json.loads(body) == json.loads(error_response(refused.status, refused.message, refused.code).body)
+        admin = asyncio.create_task(_call(gate, "/v1/adapters"))  # not an inference route: never gated
+        await asyncio.sleep(0.01)
+        assert app.calls == 6
+        app.release.set()
+        await asyncio.gather(*held, admin)
+        status, _, _ = await _call(gate)  # room again
+        assert status == 200
+        counts = gate.gates[""].recorder.values()
+        assert counts[("polyhead_requests", "polyhead_requests_total", (("code", "429"), ("route", "embeddings")))] == 1
+        assert counts[("polyhead_errors", "polyhead_errors_total",
+                       (("adapter", "none"), ("route", "embeddings"), ("type", "overloaded")))] == 1
+
+    asyncio.run(main())
+
+
+def test_each_route_prefix_has_its_own_count_and_other_apps_are_never_gated():
+    async def main():
+        polyhead, other = App(admission_header("a", 1, 1, 60, 1.0)), App(None)
+
+        async def router(scope, receive, send):
+            target = polyhead if scope["path"].startswith("/a/") else other
+            await target(scope, receive, send)
+
+        gate = Gate(router)
+        polyhead.release.set()
+        other.release.set()
+        await _call(gate, "/a/v1/classify")  # learns a's limit of 1
+        await _call(gate, "/b/v1/classify")
+        polyhead.release.clear()
+        other.release.clear()
+        held_a = asyncio.create_task(_call(gate, "/a/v1/classify"))
+        held_b = [asyncio.create_task(_call(gate, "/b/v1/classify")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert (await _call(gate, "/a/v1/tag"))[0] == 429
+        assert other.calls == 4  # b answered without the header: never gated
+        polyhead.release.set()
+        other.release.set()
+        await asyncio.gather(held_a, *held_b)
+
+    asyncio.run(main())
+
+
+def test_a_limit_of_zero_turns_the_gate_off_and_refused_answers_do_not_count_as_served():
+    async def main():
+        app = App(admission_header("polyhead", 0, 1, 60, 1.0))
+        gate = Gate(app)
+        app.release.set()
+        await _call(gate)
+        app.release.clear()
+        held = [asyncio.create_task(_call(gate)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        assert app.calls == 6 and not gate.gates[""].admission.full
+        app.release.set()
+        await asyncio.gather(*held)
+        assert gate.gates[""].admission.pending_rows == 0
+
+        refusing = App(admission_header("polyhead", 3, 1, 60, 1.0), status=429)  # the ingress refused
+        gate = Gate(refusing)
+        refusing.release.set()
+        await _call(gate)
+        assert gate.gates[""].admission.rows_per_s() is None  # only 2xx answers make the rate
+
+    asyncio.run(main())
