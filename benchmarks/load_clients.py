@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 ROUTES = ("/v1/embeddings", "/v1/classify")
 MUX_HEADER = "serve_multiplexed_model_id"
+WARMUP_S = 1.0  # shed_p99_later_ms: only requests sent this long after all clients started at once
 
 WRK_LUA = r"""
 local texts = {%(texts)s}
@@ -134,8 +135,10 @@ def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, s
     def pct(mask, q):
         return float(np.percentile(lat[mask], q)) if mask.any() else None
 
+    sent = np.asarray(r["sent"], dtype=np.float64)
     every = status != -1
     ok, shed = status == 200, (status == 429) | (status == 503)
+    later = sent >= WARMUP_S  # sent after the clients' simultaneous start
     n = {code: int((status == code).sum()) for code in (200, 429, 503, -1)}
     total = int(every.sum())
     return {"client": "py", "honour_retry_after": honour_retry_after, "concurrency": conc, "requests": total, "seconds": secs,
@@ -144,6 +147,7 @@ def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, s
             "max_ms": float(lat[every].max()) if total else None,
             "ok_p50_ms": pct(ok, 50), "ok_p99_ms": pct(ok, 99),
             "shed_p50_ms": pct(shed, 50), "shed_p99_ms": pct(shed, 99), "shed_max_ms": pct(shed, 100),
+            "shed_p99_later_ms": pct(shed & later, 99),
             "n200": n[200], "n429": n[429], "n503": n[503], "nother": total - n[200] - n[429] - n[503],
             "socket_errors": n[-1], "timeouts": 0, **_shares(total, n[429], n[503]),
             "client_cpu_s": r["cpu_s"], "client_cpu_share_of_one_core": r["cpu_s"] / wall}
@@ -185,6 +189,8 @@ async def _client(a: dict) -> dict:
     texts, adapters = a["texts"], a["adapters"]
     status: list[int] = []
     lat: list[float] = []
+    sent: list[float] = []
+    t_start = time.perf_counter()
 
     def request() -> bytes:
         adapter = rng.choice(adapters)
@@ -203,6 +209,7 @@ async def _client(a: dict) -> dict:
                     except OSError:
                         status.append(-1)
                         lat.append(0.0)
+                        sent.append(time.perf_counter() - t_start)
                         await asyncio.sleep(0.05)
                         continue
                 t = time.perf_counter()
@@ -214,6 +221,7 @@ async def _client(a: dict) -> dict:
                     code, close = -1, True
                 status.append(code)
                 lat.append(time.perf_counter() - t)
+                sent.append(t - t_start)
                 if close:
                     writer.close()
                     writer = None
@@ -231,7 +239,8 @@ async def _client(a: dict) -> dict:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {"status": status[:n], "lat": [round(x, 6) for x in lat[:n]], "seconds": seconds}
+    return {"status": status[:n], "lat": [round(x, 6) for x in lat[:n]], "sent": [round(x, 4) for x in sent[:n]],
+            "seconds": seconds}
 
 
 def _client_main() -> None:
