@@ -22,7 +22,9 @@ counts rows, and a request of many rows can pass the gate and still be refused t
 
 Refusals are counted in the app's request, error and latency series (route, code 429; adapter "none", type
 "overloaded"), pushed to the app's MetricsHub like a replica's (deployment "Gate", one source per proxy and
-app), so GET /metrics counts them with everything else.
+app), so GET /metrics counts them with everything else. Ray's per-node export (the cluster route) has them
+as `ray_polyhead_gate_refusals_total{application, route}`: its `ray_polyhead_requests_total` counts what
+reached an ingress replica.
 """
 from __future__ import annotations
 
@@ -88,13 +90,14 @@ class AppGate:
         self.config: dict | None = None
         self.recorder = None
         self.pusher = None
+        self.ray_refusals = None  # ray.util.metrics.Counter, in a Ray process
 
     def configure(self, config: dict) -> None:
         adm = self.admission
         adm.max_pending_rows = config["max"] or UNLIMITED
         adm.min_retry_s, adm.max_retry_s = config["min_retry_s"], config["max_retry_s"]
         if self.config is None or config["app"] != self.config["app"]:
-            self.recorder, self.pusher = _app_metrics(config["app"], self.prefix, config["push_s"])
+            self.recorder, self.pusher, self.ray_refusals = _app_metrics(config["app"], self.prefix, config["push_s"])
         self.config = config
         if self.pusher is not None:
             self.pusher.ensure_started()  # from here on the app's GET /metrics counts this source
@@ -105,25 +108,33 @@ class AppGate:
         self.recorder.requests.labels(route, 429).inc()
         self.recorder.errors.labels(route, "none", "overloaded").inc()
         self.recorder.latency.labels(route).observe(seconds)
+        if self.ray_refusals is not None:
+            self.ray_refusals.inc(1, tags={"application": self.config["app"], "route": route})
 
 
 def _app_metrics(app: str, prefix: str, push_s: float):
-    """A Recorder of the ingress's request series, and its pusher to the app's hub (None outside Ray)."""
+    """A Recorder of the ingress's request series (not exported to Ray under those names: Ray's export there
+    carries the replica's tags), its pusher to the app's hub, and the Ray counter of refusals (both None
+    outside Ray)."""
     from .metrics import INGRESS_SERIES, Recorder
 
-    recorder = Recorder({k: INGRESS_SERIES[k] for k in ("requests", "errors", "latency")})
-    pusher = None
+    recorder = Recorder({k: INGRESS_SERIES[k] for k in ("requests", "errors", "latency")}, ray_export=False)
+    pusher = ray_refusals = None
     try:
         import ray
 
         if ray.is_initialized():
+            from ray.util.metrics import Counter
+
             from .hub import MetricsPusher
 
             source = f"gate:{ray.get_runtime_context().get_node_id()}:{os.getpid()}:{prefix or '/'}"
             pusher = MetricsPusher(recorder, app, "Gate", source, push_s)
+            ray_refusals = Counter("polyhead_gate_refusals", "inference requests refused (429) by the front gate "
+                                   "in Ray's proxy", tag_keys=("application", "route"))
     except Exception:  # noqa: BLE001 - metrics never stop the gate
-        pusher = None
-    return recorder, pusher
+        pusher = ray_refusals = None
+    return recorder, pusher, ray_refusals
 
 
 class Gate:

@@ -154,6 +154,15 @@ def sample(m: Samples, name: str, **labels) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def ray_node_metrics() -> Samples:
+    """What Ray's metrics agent exports on this (one-node) cluster's metrics port."""
+    import ray
+
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+    return parse_metrics(text)
+
+
 def total(m: Samples, name: str, **labels) -> float:
     """The sum of `name` over every label combination that has `labels` (e.g. over replicas)."""
     want = set(labels.items())

@@ -11,7 +11,7 @@ import torch
 
 from serving import Request
 
-from .conftest import ADMIN_KEY, metrics, parse_metrics, sample, scrape, total, wait_for, wait_ready
+from .conftest import ADMIN_KEY, metrics, ray_node_metrics, sample, scrape, total, wait_for, wait_ready
 
 APP, PREFIX = "polyhead-multi", "/multi"
 KEY = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -51,15 +51,6 @@ def multi(server, adapter_dirs, tmp_path_factory):
 async def _post_all(base_url, calls):
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=httpx.Limits(max_connections=None)) as c:
         return await asyncio.gather(*[c.post(path, json=body) for path, body in calls])
-
-
-def ray_node_metrics() -> dict:
-    """What Ray's metrics agent exports on this (one-node) cluster's metrics port."""
-    import ray
-
-    (node,) = [n for n in ray.nodes() if n["Alive"]]
-    text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
-    return parse_metrics(text)
 
 
 def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(multi, client, engine):

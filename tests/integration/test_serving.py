@@ -12,7 +12,7 @@ import torch
 from serving import Request
 from serving.app.tagging import merge_entities
 
-from .conftest import metrics, sample
+from .conftest import metrics, ray_node_metrics, sample, total, wait_for
 
 TEXTS = ["the cat sat on the mat", "Ada Lovelace lived in London", "polyhead serves many adapters at once",
          "short", "a somewhat longer sentence, with punctuation; and more words than the others have"]
@@ -296,6 +296,14 @@ def test_the_front_gate_in_rays_proxy_refuses_requests_beyond_its_limit_before_t
            sample(before, "polyhead_requests_total", route="classify", code="429") == codes.count(429)
     assert sample(after, "polyhead_requests_total", route="classify", code="200") - \
            sample(before, "polyhead_requests_total", route="classify", code="200") == codes.count(200)
+
+    def rays_export_counts_them():  # the cluster route; every 429 here was the gate's (its limit <= the ingress's)
+        refused = total(ray_node_metrics(), "ray_polyhead_gate_refusals_total", application="polyhead",
+                        route="classify")
+        assert refused == codes.count(429), refused
+        return True
+
+    wait_for(rays_export_counts_them)
 
 
 def test_an_operator_drain_makes_ready_503_while_requests_are_still_served(client):
