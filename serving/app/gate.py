@@ -22,9 +22,9 @@ counts rows, and a request of many rows can pass the gate and still be refused t
 
 Refusals are counted in the app's request, error and latency series (route, code 429; adapter "none", type
 "overloaded"), pushed to the app's MetricsHub like a replica's (deployment "Gate", one source per proxy and
-app), so GET /metrics counts them with everything else. Ray's per-node export (the cluster route) has them
-as `ray_polyhead_gate_refusals_total{application, route}`: its `ray_polyhead_requests_total` counts what
-reached an ingress replica.
+app), so GET /metrics counts them with everything else, and apart in `polyhead_gate_refusals{route}`. Ray's
+per-node export (the cluster route) has only the latter, as `ray_polyhead_gate_refusals_total{application,
+route}`: its `ray_polyhead_requests_total` counts what reached an ingress replica.
 """
 from __future__ import annotations
 
@@ -108,6 +108,7 @@ class AppGate:
         self.recorder.requests.labels(route, 429).inc()
         self.recorder.errors.labels(route, "none", "overloaded").inc()
         self.recorder.latency.labels(route).observe(seconds)
+        self.recorder.refusals.labels(route).inc()
         if self.ray_refusals is not None:
             self.ray_refusals.inc(1, tags={"application": self.config["app"], "route": route})
 
@@ -116,9 +117,10 @@ def _app_metrics(app: str, prefix: str, push_s: float):
     """A Recorder of the ingress's request series (not exported to Ray under those names: Ray's export there
     carries the replica's tags), its pusher to the app's hub, and the Ray counter of refusals (both None
     outside Ray)."""
-    from .metrics import INGRESS_SERIES, Recorder
+    from .metrics import GATE_SERIES, INGRESS_SERIES, Recorder
 
-    recorder = Recorder({k: INGRESS_SERIES[k] for k in ("requests", "errors", "latency")}, ray_export=False)
+    series = {k: INGRESS_SERIES[k] for k in ("requests", "errors", "latency")} | GATE_SERIES
+    recorder = Recorder(series, ray_export=False)
     pusher = ray_refusals = None
     try:
         import ray
@@ -130,8 +132,8 @@ def _app_metrics(app: str, prefix: str, push_s: float):
 
             source = f"gate:{ray.get_runtime_context().get_node_id()}:{os.getpid()}:{prefix or '/'}"
             pusher = MetricsPusher(recorder, app, "Gate", source, push_s)
-            ray_refusals = Counter("polyhead_gate_refusals", "inference requests refused (429) by the front gate "
-                                   "in Ray's proxy", tag_keys=("application", "route"))
+            refusals = GATE_SERIES["refusals"]
+            ray_refusals = Counter(refusals.name, refusals.help, tag_keys=("application", "route"))
     except Exception:  # noqa: BLE001 - metrics never stop the gate
         pusher = ray_refusals = None
     return recorder, pusher, ray_refusals

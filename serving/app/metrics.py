@@ -64,11 +64,15 @@ MODEL_SERIES = {
                                   "(summed over model replicas)"),
     "slot_bytes": Series("polyhead_slot_bytes", "gauge", "bytes held by slot tensors (summed over model replicas)"),
 }
+GATE_SERIES = {
+    "refusals": Series("polyhead_gate_refusals", "counter", "inference requests refused (429) by the front gate in "
+                       "Ray's proxy, before any Ray work (also counted in requests and errors)", ("route",)),
+}
 HUB_SERIES = {
     "sources": Series("polyhead_metrics_sources", "gauge", "replicas whose series this answer sums, by deployment "
                       "(those that reported recently)", ("deployment",)),
 }
-ALL_SERIES = {s.name: s for group in (INGRESS_SERIES, MODEL_SERIES, HUB_SERIES) for s in group.values()}
+ALL_SERIES = {s.name: s for group in (INGRESS_SERIES, MODEL_SERIES, GATE_SERIES, HUB_SERIES) for s in group.values()}
 
 _PROM_TYPES = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 

@@ -296,6 +296,8 @@ def test_the_front_gate_in_rays_proxy_refuses_requests_beyond_its_limit_before_t
            sample(before, "polyhead_requests_total", route="classify", code="429") == codes.count(429)
     assert sample(after, "polyhead_requests_total", route="classify", code="200") - \
            sample(before, "polyhead_requests_total", route="classify", code="200") == codes.count(200)
+    assert sample(after, "polyhead_gate_refusals_total", route="classify") - \
+           sample(before, "polyhead_gate_refusals_total", route="classify") == codes.count(429)  # all the gate's
 
     def rays_export_counts_them():  # the cluster route; every 429 here was the gate's (its limit <= the ingress's)
         refused = total(ray_node_metrics(), "ray_polyhead_gate_refusals_total", application="polyhead",
