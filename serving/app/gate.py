@@ -15,8 +15,9 @@ overload refusals queue behind that work (serve_load, 32 tokens, 4x overload: sh
 gate, 0.2 s with it). Here a refusal costs the HTTP parse and one small response.
 
 The gate learns each app from its own answers: the ingress puts ADMISSION_HEADER on every inference answer
-(app name, limit, Retry-After bounds, metrics push interval; serving/app/http.py), which the gate reads and
-removes. So it gates only polyhead apps, follows their config when they are redeployed, and passes
+to a request that came through a gate (marked with GATED_HEADER, which the gate sets and a client cannot:
+the gate replaces it), with the app name, limit, Retry-After bounds and metrics push interval
+(serving/app/http.py); the gate reads and removes it. Without a gate, clients never see it. So it gates only polyhead apps, follows their config when they are redeployed, and passes
 everything on until an app has answered once. The ingress's own row admission (max_pending_rows) stays: it
 counts rows, and a request of many rows can pass the gate and still be refused there.
 
@@ -38,6 +39,7 @@ from .admission import Admission
 
 GATED = {"/v1/classify": "classify", "/v1/tag": "tag", "/v1/embeddings": "embeddings"}  # path -> metrics route
 ADMISSION_HEADER = b"x-polyhead-admission"
+GATED_HEADER = b"x-polyhead-gated"  # on requests the gate passes on: only those get ADMISSION_HEADER back
 CALLBACK = "serving.app.gate:middlewares"  # the value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
 REFUSAL = {"message": "the server is overloaded: the model's queue is full, retry later", "type": "rate_limit_error",
            "code": "overloaded"}  # as the ingress answers it (http.py: error_response, Ingress._overloaded)
@@ -177,6 +179,8 @@ class Gate:
                     message = {**message, "headers": [(k, v) for k, v in headers if k.lower() != ADMISSION_HEADER]}
             await send(message)
 
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != GATED_HEADER]
+        scope = {**scope, "headers": headers + [(GATED_HEADER, b"1")]}
         adm.admit(1)
         try:
             await self.app(scope, receive, send_reading_admission)

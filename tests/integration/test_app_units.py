@@ -507,3 +507,28 @@ def test_the_metrics_hub_module_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_the_admission_header_goes_only_to_requests_the_front_gate_passed_on():
+    """The gate in Ray's proxy learns an app's limit from this header (serving/app/gate.py); a client that
+    reaches the ingress without a gate never sees it."""
+    import asyncio
+
+    from fastapi.responses import JSONResponse
+
+    from serving.app.gate import parse_admission
+    from serving.app.metrics import INGRESS_SERIES, Recorder
+
+    ingress = _ready_ingress(None)
+    ingress.pusher, ingress.metrics = None, Recorder(INGRESS_SERIES, ray_export=False)
+    ingress.gate_config = "app=polyhead;max=64;retry=1-60;push=1"
+
+    async def handler(request):
+        return JSONResponse({"ok": True})
+
+    def serve(headers, rows=True):
+        return asyncio.run(ingress._serve("classify", _request("10.0.0.9", headers), handler, rows=rows)).headers
+
+    assert parse_admission(serve({"x-polyhead-gated": "1"})["x-polyhead-admission"])["max"] == 64
+    assert "x-polyhead-admission" not in serve({})
+    assert "x-polyhead-admission" not in serve({"x-polyhead-gated": "1"}, rows=False)  # not an inference route

@@ -8,7 +8,7 @@ import pytest
 
 from serving.app.admission import Admission
 
-from serving.app.gate import (ADMISSION_HEADER, Gate, admission_header, gated_route, middlewares,
+from serving.app.gate import (ADMISSION_HEADER, GATED_HEADER, Gate, admission_header, gated_route, middlewares,
                               parse_admission)
 from serving.app.http import Ingress, error_response
 
@@ -24,9 +24,11 @@ class App:
         self.header, self.status = header, status
         self.calls = 0
         self.release = asyncio.Event()
+        self.scopes = []
 
     async def __call__(self, scope, receive, send):
         self.calls += 1
+        self.scopes.append(scope)
         await self.release.wait()
         headers = [(b"content-type", b"application/json")]
         if self.header is not None:
@@ -158,5 +160,29 @@ def test_a_limit_of_zero_turns_the_gate_off_and_refused_answers_do_not_count_as_
         refusing.release.set()
         await _call(gate)
         assert gate.gates[""].admission.rows_per_s() is None  # only 2xx answers make the rate
+
+    asyncio.run(main())
+
+
+def test_the_gate_marks_what_it_passes_on_and_a_client_cannot_forge_the_mark():
+    async def main():
+        app = App(None)
+        app.release.set()
+        gate = Gate(app)
+        messages = []
+
+        async def send(message):
+            messages.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        forged = dict(_scope("/v1/tag"), headers=[(b"X-Polyhead-Gated", b"forged"), (b"accept", b"*/*")])
+        await gate(forged, receive, send)
+        await gate(_scope("/metrics", "GET"), receive, send)
+        tagged, metrics_scope = app.scopes
+        assert [v for k, v in tagged["headers"] if k.lower() == GATED_HEADER] == [b"1"]
+        assert (b"accept", b"*/*") in tagged["headers"]
+        assert not [k for k, _ in metrics_scope["headers"] if k.lower() == GATED_HEADER]  # not an inference route
 
     asyncio.run(main())
