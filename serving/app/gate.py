@@ -41,8 +41,8 @@ GATED = {"/v1/classify": "classify", "/v1/tag": "tag", "/v1/embeddings": "embedd
 ADMISSION_HEADER = b"x-polyhead-admission"
 GATED_HEADER = b"x-polyhead-gated"  # on requests the gate passes on: only those get ADMISSION_HEADER back
 CALLBACK = "serving.app.gate:middlewares"  # the value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
-REFUSAL = {"message": "the server is overloaded: the model's queue is full, retry later", "type": "rate_limit_error",
-           "code": "overloaded"}  # as the ingress answers it (http.py: error_response, Ingress._overloaded)
+OVERLOADED = "the server is overloaded: the model's queue is full, retry later"
+REFUSAL = {"message": OVERLOADED, "type": "rate_limit_error", "code": "overloaded"}  # as Ingress._overloaded answers
 UNLIMITED = sys.maxsize
 
 
@@ -170,12 +170,11 @@ class Gate:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers") or []
-                if any(k.lower() == ADMISSION_HEADER for k, _ in headers):
-                    for key, value in headers:
-                        if key.lower() == ADMISSION_HEADER:
-                            config = parse_admission(value.decode("latin-1"))
-                            if config is not None and config != gate.config:
-                                gate.configure(config)
+                values = [v for k, v in headers if k.lower() == ADMISSION_HEADER]
+                if values:
+                    config = parse_admission(values[-1].decode("latin-1"))
+                    if config is not None and config != gate.config:
+                        gate.configure(config)
                     message = {**message, "headers": [(k, v) for k, v in headers if k.lower() != ADMISSION_HEADER]}
             await send(message)
 

@@ -32,7 +32,7 @@ from adapters_store import AdapterError, check_name, parse_ref
 
 from .admission import Admission
 from .config import ServeConfig
-from .gate import ADMISSION_HEADER, GATED_HEADER as GATED_BYTES, admission_header
+from .gate import ADMISSION_HEADER, GATED_HEADER as GATED_BYTES, OVERLOADED, admission_header
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label
 from .routing import UnknownModel, resolve_model
@@ -245,7 +245,7 @@ class Ingress:
             raise ApiError(422, _summary(exc.errors(include_input=False)), "invalid_field") from None
 
     def _overloaded(self) -> ApiError:
-        return ApiError(429, "the server is overloaded: the model's queue is full, retry later", "overloaded",
+        return ApiError(429, OVERLOADED, "overloaded",
                         {"Retry-After": str(self.admission.refuse())})
 
     def _unavailable(self, exc: BaseException) -> ApiError:
