@@ -17,8 +17,9 @@ gate, 0.2 s with it). Here a refusal costs the HTTP parse and one small response
 The gate learns each app from its own answers: the ingress puts ADMISSION_HEADER on every inference answer
 to a request that came through a gate (marked with GATED_HEADER, which the gate sets and a client cannot:
 the gate replaces it), with the app name, limit, Retry-After bounds and metrics push interval
-(serving/app/http.py); the gate reads and removes it. Without a gate, clients never see it. So it gates only polyhead apps, follows their config when they are redeployed, and passes
-everything on until an app has answered once. The ingress's own row admission (max_pending_rows) stays: it
+(serving/app/http.py); the gate reads and removes it. Without a gate, clients never see it. So it gates
+only polyhead apps, follows their config when they are redeployed, and passes everything on until an app
+has answered once. The ingress's own row admission (max_pending_rows) stays: it
 counts rows, and a request of many rows can pass the gate and still be refused there.
 
 Refusals are counted in the app's request, error and latency series (route, code 429; adapter "none", type
@@ -38,8 +39,9 @@ from urllib.parse import quote, unquote
 from .admission import Admission
 
 GATED = {"/v1/classify": "classify", "/v1/tag": "tag", "/v1/embeddings": "embeddings"}  # path -> metrics route
-ADMISSION_HEADER = b"x-polyhead-admission"
-GATED_HEADER = b"x-polyhead-gated"  # on requests the gate passes on: only those get ADMISSION_HEADER back
+ADMISSION_HEADER = "x-polyhead-admission"
+GATED_HEADER = "x-polyhead-gated"  # on requests the gate passes on: only those get ADMISSION_HEADER back
+_ADMISSION, _GATED = ADMISSION_HEADER.encode(), GATED_HEADER.encode()  # as ASGI carries them
 CALLBACK = "serving.app.gate:middlewares"  # the value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
 OVERLOADED = "the server is overloaded: the model's queue is full, retry later"
 REFUSAL = {"message": OVERLOADED, "type": "rate_limit_error", "code": "overloaded"}  # as Ingress._overloaded answers
@@ -90,6 +92,7 @@ class AppGate:
         self.prefix = prefix
         self.admission = Admission(UNLIMITED, 1, 1)
         self.config: dict | None = None
+        self.raw: bytes | None = None  # the header value `config` was parsed from
         self.recorder = None
         self.pusher = None
         self.ray_refusals = None  # ray.util.metrics.Counter, in a Ray process
@@ -170,16 +173,18 @@ class Gate:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers") or []
-                values = [v for k, v in headers if k.lower() == ADMISSION_HEADER]
+                values = [v for k, v in headers if k.lower() == _ADMISSION]
                 if values:
-                    config = parse_admission(values[-1].decode("latin-1"))
-                    if config is not None and config != gate.config:
-                        gate.configure(config)
-                    message = {**message, "headers": [(k, v) for k, v in headers if k.lower() != ADMISSION_HEADER]}
+                    if values[-1] != gate.raw:  # the same app config answer after answer: parsed once
+                        config = parse_admission(values[-1].decode("latin-1"))
+                        if config is not None:
+                            gate.configure(config)
+                            gate.raw = values[-1]
+                    message = {**message, "headers": [(k, v) for k, v in headers if k.lower() != _ADMISSION]}
             await send(message)
 
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != GATED_HEADER]
-        scope = {**scope, "headers": headers + [(GATED_HEADER, b"1")]}
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != _GATED]
+        scope = {**scope, "headers": headers + [(_GATED, b"1")]}
         adm.admit(1)
         try:
             await self.app(scope, receive, send_reading_admission)

@@ -32,7 +32,7 @@ from adapters_store import AdapterError, check_name, parse_ref
 
 from .admission import Admission
 from .config import ServeConfig
-from .gate import ADMISSION_HEADER, GATED_HEADER as GATED_BYTES, OVERLOADED, admission_header
+from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label
 from .routing import UnknownModel, resolve_model
@@ -50,8 +50,6 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
 LOCAL_CLIENTS = ("127.0.0.1", "::1", "localhost")
-GATE_HEADER = ADMISSION_HEADER.decode()  # read and removed by the front gate in Ray's proxy
-GATED_HEADER = GATED_BYTES.decode()  # the gate marks what it passes on: only those get GATE_HEADER
 
 
 class ApiError(Exception):
@@ -214,7 +212,7 @@ class Ingress:
             self.metrics.errors.labels(route, exc.adapter, exc.code).inc()
             response = error_response(exc.status, exc.message, exc.code, exc.headers)
         if rows and self.gate_config is not None and GATED_HEADER in request.headers:
-            response.headers[GATE_HEADER] = self.gate_config
+            response.headers[ADMISSION_HEADER] = self.gate_config  # the gate reads and removes it
         self.metrics.requests.labels(route, response.status_code).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response

@@ -32,7 +32,7 @@ class App:
         await self.release.wait()
         headers = [(b"content-type", b"application/json")]
         if self.header is not None:
-            headers.append((ADMISSION_HEADER, self.header.encode()))
+            headers.append((ADMISSION_HEADER.encode(), self.header.encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"{}"})
 
@@ -90,7 +90,7 @@ def test_gate_passes_everything_until_the_app_has_answered_then_refuses_beyond_i
         app.release.set()
         for status, headers, _ in await asyncio.gather(*first):
             assert status == 200
-            assert ADMISSION_HEADER.decode() not in headers  # the gate removes it
+            assert ADMISSION_HEADER not in headers  # the gate removes it
         app.release.clear()
         held = [asyncio.create_task(_call(gate)) for _ in range(2)]  # the limit: 2 out
         await asyncio.sleep(0.01)
@@ -181,8 +181,30 @@ def test_the_gate_marks_what_it_passes_on_and_a_client_cannot_forge_the_mark():
         await gate(forged, receive, send)
         await gate(_scope("/metrics", "GET"), receive, send)
         tagged, metrics_scope = app.scopes
-        assert [v for k, v in tagged["headers"] if k.lower() == GATED_HEADER] == [b"1"]
+        assert [v for k, v in tagged["headers"] if k.lower() == GATED_HEADER.encode()] == [b"1"]
         assert (b"accept", b"*/*") in tagged["headers"]
-        assert not [k for k, _ in metrics_scope["headers"] if k.lower() == GATED_HEADER]  # not an inference route
+        assert not [k for k, _ in metrics_scope["headers"] if k.lower() == GATED_HEADER.encode()]  # not an inference route
+
+    asyncio.run(main())
+
+
+def test_a_redeployed_app_with_another_limit_is_followed():
+    async def main():
+        app = App(admission_header("polyhead", 3, 1, 60, 1.0))
+        app.release.set()
+        gate = Gate(app)
+        await _call(gate)
+        assert gate.gates[""].admission.max_pending_rows == 3
+        app.header = admission_header("polyhead", 1, 2, 30, 1.0)  # the new config's answers
+        await _call(gate)
+        adm = gate.gates[""].admission
+        assert (adm.max_pending_rows, adm.min_retry_s, adm.max_retry_s) == (1, 2, 30)
+        app.release.clear()
+        held = asyncio.create_task(_call(gate))
+        await asyncio.sleep(0.01)
+        status, headers, _ = await _call(gate)
+        assert status == 429 and 2 <= int(headers["retry-after"]) <= 30
+        app.release.set()
+        await held
 
     asyncio.run(main())
