@@ -75,6 +75,10 @@ class ServeConfig(BaseModel):
     ingress_num_cpus: float = Field(0.1, ge=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # `polyhead serve` (serving.app.run): the ingress replica answers HTTP on host:port itself (Ray Serve's
+    # direct ingress, no proxy hop: +50 % req/s on 2 cores), Ray's proxy on a free port beside it; false:
+    # the proxy listens on host:port. A cluster sets Ray's environment instead (deploy/README.md).
+    direct_ingress: bool = True
     # None (or null in a file): $POLYHEAD_ADMIN_API_KEY if set (e.g. from a Kubernetes Secret), else the
     # admin routes answer clients on 127.0.0.1 only
     admin_api_key: str | None = Field(None, validate_default=True)

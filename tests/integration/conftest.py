@@ -1,5 +1,9 @@
 """One Ray instance and one served app for the whole integration suite (Ray is heavy on 2 cores).
 
+Ray runs as `polyhead serve` runs it, with Serve's direct ingress: `server` is the URL where the app's
+ingress replica answers HTTP itself (what clients of `make serve` reach); `proxy` is Ray Serve's proxy,
+which serves the same app one hop further and every app the tests deploy beside it (at their prefixes).
+
 One app, "polyhead" at /, with an admin key, several static adapters, an AdapterStore root for
 admin registrations (`store_root`, looked up with a short TTL) and small limits (64 rows per
 request, 8 models, 200 KB bodies, 32 ongoing + 64 queued rows at the model) so that limits are cheap
@@ -28,6 +32,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_ports(n: int) -> range:
+    """n consecutive ports free on 127.0.0.1 now (the ingress replicas' direct ports)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(20000, 29000)
+        try:
+            for port in range(start, start + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return range(start, start + n)
+    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 def _with_labels(folder: Path, labels: list[str], problem_type: str | None = None) -> Path:
@@ -86,16 +107,17 @@ def store_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(adapter_dirs, store_root):
+def urls(adapter_dirs, store_root):
+    """{"direct": the app's ingress replica, "proxy": Ray Serve's proxy}."""
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import build_app, direct_ingress_url, start_local_ray
 
     port = _free_port()
-    from serving.app import start_local_ray
-
-    start_local_ray(4, log_to_driver=False, _system_config={"metrics_report_interval_ms": 500})
+    ports = _free_ports(8)
+    start_local_ray(4, direct_ingress_ports=ports, log_to_driver=False,
+                    _system_config={"metrics_report_interval_ms": 500})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         static = ("cls-a", "cls-b", "ml", "ner", "ner-b", "emb", "lazy", "victim")
@@ -106,12 +128,24 @@ def server(adapter_dirs, store_root):
                           "max_body_bytes": 200_000, "store_root": str(store_root), "store_ttl_s": 0.2,
                           "metrics_push_s": 0.1})
         serve.run(main, name="polyhead", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
-        yield url
+        direct = direct_ingress_url("polyhead", ports)
+        wait_ready(direct)
+        yield {"direct": direct, "proxy": f"http://127.0.0.1:{port}"}
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(urls) -> str:
+    """The app's own ingress replica (direct ingress): where `make serve` clients send requests."""
+    return urls["direct"]
+
+
+@pytest.fixture(scope="session")
+def proxy(urls) -> str:
+    """Ray Serve's HTTP proxy: the same app at /, and the apps tests deploy beside it at their prefixes."""
+    return urls["proxy"]
 
 
 def wait_ready(url: str, timeout: float = 90) -> None:
@@ -129,6 +163,12 @@ def wait_ready(url: str, timeout: float = 90) -> None:
 @pytest.fixture(scope="session")
 def client(server):
     with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def proxy_client(proxy):
+    with httpx.Client(base_url=proxy, timeout=60) as c:
         yield c
 
 

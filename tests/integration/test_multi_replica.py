@@ -21,7 +21,7 @@ MODELS = ("cls-a", "cls-b", "ml")
 
 
 @pytest.fixture(scope="module")
-def multi(server, adapter_dirs, tmp_path_factory):
+def multi(proxy, adapter_dirs, tmp_path_factory):
     """The app build_app makes, with num_replicas=2 for both deployments (what `deployments:` in a Serve
     config file sets), 8 ongoing rows per model replica so that concurrent rows must spread over both."""
     from ray import serve
@@ -42,8 +42,8 @@ def multi(server, adapter_dirs, tmp_path_factory):
                           ).bind(model, data)
     serve.run(app, name=APP, route_prefix=PREFIX)
     try:
-        wait_ready(server + PREFIX)
-        yield server + PREFIX
+        wait_ready(proxy + PREFIX)
+        yield proxy + PREFIX
     finally:
         serve.delete(APP)
 
@@ -53,7 +53,7 @@ async def _post_all(base_url, calls):
         return await asyncio.gather(*[c.post(path, json=body) for path, body in calls])
 
 
-def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(multi, client, engine):
+def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(multi, proxy_client, engine):
     calls = [("/v1/classify", {"model": MODELS[i % 3], "input": [TEXTS[i % 5], TEXTS[(i + 2) % 5]]})
              for i in range(24)]  # 48 rows, 16 per adapter
     responses = asyncio.run(_post_all(multi, calls))
@@ -64,7 +64,7 @@ def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(mul
             torch.testing.assert_close(torch.tensor(item["logits"]), expected, atol=2e-4, rtol=1e-4)
 
     def app_metrics_count_it():  # what every replica pushed to the hub, summed (pushes every 0.1 s here)
-        m = scrape(client, PREFIX)
+        m = scrape(proxy_client, PREFIX)
         assert sample(m, "polyhead_metrics_sources", deployment="Ingress") == 2
         assert sample(m, "polyhead_metrics_sources", deployment="ModelServer") == 2
         assert sample(m, "polyhead_requests_total", route="classify", code="200") == 24
@@ -79,7 +79,7 @@ def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(mul
         return m
 
     m = wait_for(app_metrics_count_it)
-    assert metrics(client, PREFIX) == m  # and it stays so: nothing was counted twice
+    assert metrics(proxy_client, PREFIX) == m  # and it stays so: nothing was counted twice
 
     def ray_route_counts_it_too():  # the cluster route: every replica's ray.serve.metrics, per node
         r = ray_node_metrics()
@@ -97,19 +97,19 @@ def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(mul
     wait_for(ray_route_counts_it_too, timeout=30)
 
 
-def test_a_deleted_adapter_leaves_metrics_of_every_ingress_replica(multi, client, adapter_dirs):
-    r = client.post(PREFIX + "/v1/adapters", headers=KEY, json={"name": "extra", "source": str(adapter_dirs["late"])})
+def test_a_deleted_adapter_leaves_metrics_of_every_ingress_replica(multi, proxy_client, adapter_dirs):
+    r = proxy_client.post(PREFIX + "/v1/adapters", headers=KEY, json={"name": "extra", "source": str(adapter_dirs["late"])})
     assert r.status_code == 201, r.text
     calls = [("/v1/classify", {"model": ["extra", "cls-b"], "input": TEXTS[i % 5]}) for i in range(12)]
     assert [r.status_code for r in asyncio.run(_post_all(multi, calls))] == [200] * 12
     def counted():
-        m = scrape(client, PREFIX)
+        m = scrape(proxy_client, PREFIX)
         assert sample(m, "polyhead_rows_total", route="classify", adapter="extra") == 12
         return m
 
     before = wait_for(counted)
-    assert client.delete(PREFIX + "/v1/adapters/extra", headers=KEY).status_code == 200
-    after = metrics(client, PREFIX)
+    assert proxy_client.delete(PREFIX + "/v1/adapters/extra", headers=KEY).status_code == 200
+    after = metrics(proxy_client, PREFIX)
     assert not [k for k in after if ("adapter", "extra") in k[1]], [k for k in after if "extra" in str(k)]
     assert sample(after, "polyhead_rows_total", route="classify", adapter="cls-b") == \
            sample(before, "polyhead_rows_total", route="classify", adapter="cls-b") >= 12  # the others stay

@@ -151,17 +151,20 @@ def test_make_serve_listens_on_loopback_only_and_stops_with_ray(tmp_path):
 
         tree = process_tree(proc.pid)
         sockets = listening_sockets()
-        seen, public = [], []
+        seen, public, owner = [], [], {}
         for pid in tree:
             for inode in _socket_inodes(pid):
                 if inode in sockets:
                     addr, sport = sockets[inode]
                     seen.append((addr, sport))
+                    owner[sport] = _command(pid)
                     if not is_loopback(addr):
                         public.append(f"{addr}:{sport} pid {pid} {_command(pid)}")
         commands = " ".join(_command(pid) for pid in tree)
         assert "gcs_server" in commands and "raylet" in commands, f"Ray's processes not found under {proc.pid}"
         assert ("127.0.0.1", port) in seen, f"the HTTP port {port} is not among the sockets found: {seen}"
+        # direct ingress (ServeConfig.direct_ingress): the Ingress replica itself listens there, not Serve's proxy
+        assert "ServeReplica:polyhead:Ingress" in owner[port], owner[port]
         assert len(seen) >= 6, f"too few listening sockets found to mean anything: {seen}"
         assert not public, "Ray listens beyond loopback:\n  " + "\n  ".join(public)
 

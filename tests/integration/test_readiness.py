@@ -33,12 +33,12 @@ class SlowModel:
 
 
 @pytest.fixture(scope="module")
-def slow_app(server):
+def slow_app(proxy):
     data = ServeConfig(ready_timeout_s=0.3).model_dump()
     serve.run(Ingress.options(ray_actor_options={"num_cpus": 0.05}).bind(SlowModel.bind(), data), name=APP,
               route_prefix=PREFIX)
     try:
-        yield server + PREFIX
+        yield proxy + PREFIX
     finally:
         serve.delete(APP)
 
