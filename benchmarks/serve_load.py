@@ -7,15 +7,21 @@ One local Ray Serve instance, every Ray port on 127.0.0.1 (serving.app.start_loc
   polyhead     build_app(): Ingress -> ModelServer (--replicas replicas of --threads torch threads, each one
                Engine, batches mixing many adapters); default one replica per core, one thread each, as
                deploy/serve_config.yaml ships
+  proxied      the same polyhead app reached through Ray Serve's HTTP proxy (the cluster's entry) instead of
+               its ingress replica's own port
   multiplexed  benchmarks/multiplexed_peft.py: @serve.multiplexed(max_num_models_per_replica=8), one PEFT
                model per adapter id, @serve.batch (split by Ray per model id), adapter in the
-               serve_multiplexed_model_id header; the same replicas and threads as polyhead
+               serve_multiplexed_model_id header; the same replicas and threads as polyhead; through Serve's
+               proxy, as Ray's guide serves it (the proxy routes each model id to a replica that has it)
 and afterwards, with Ray stopped:
   engine       serving.Engine.infer in this process, with a torch thread per core, on the same texts
                (tokenization included), at 1 row and at the rows polyhead had in its batches at each level
                (mean batch size x mean replicas computing: one engine doing all the work; rows/s = batch /
                time per call)
 
+Ray runs as `polyhead serve` runs it, with Serve's direct ingress (serving.app.start_local_ray): floor and
+polyhead are loaded on their ingress replicas' own ports; --proxy runs every app through Serve's proxy (no
+direct ingress; no `proxied` row then).
 Load (benchmarks/load_clients.py): closed loop, `wrk` + Lua when installed (else the py client), each request
 POST /v1/embeddings or /v1/classify (half each) for a random adapter among 64 PEFT LoRA adapters (r=16,
 every encoder linear, 2-label SEQ_CLS head) and one input of exactly 32 or 128 tokens, for --duration s per
@@ -43,7 +49,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -58,18 +63,13 @@ from multiplexed_peft import multiplexed_app  # noqa: E402
 RESULTS_DIR = HERE / "results"
 N_ADAPTERS = 64
 TARGETS = ("query", "key", "value", "dense")  # every encoder linear (make_lora skips the pooler)
-APPS = ("floor", "polyhead", "multiplexed")
-PREFIX = {"polyhead": "", "floor": "/floor", "multiplexed": "/mux"}
+APPS = ("floor", "polyhead", "proxied", "multiplexed")
+PREFIX = {"polyhead": "", "proxied": "", "floor": "/floor", "multiplexed": "/mux"}
+SCRAPED = ("polyhead", "proxied")  # batch statistics from the polyhead app's /metrics
 GROWTH = 1.05  # saturation: the next level's goodput grows less than this
 WORDS = ("the quick brown fox jumps over lazy dog river mountain city house green blue red small large "
          "happy sad fast slow light dark water fire earth wind music book table chair window door road "
          "tree flower garden morning evening night summer winter people friend family school work time").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_texts(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
@@ -162,7 +162,7 @@ def app_counts(app: str, url: str, replicas: int = 1) -> dict:
     replicas (asked through the handle until each has answered)."""
     from ray import serve
 
-    if app == "polyhead":
+    if app in SCRAPED:
         return scrape(url)
     deployment = "StubModel" if app == "floor" else "MultiplexedPeft"
     handle = serve.get_deployment_handle(deployment, app_name=app)
@@ -192,7 +192,7 @@ def engine_batch(level: dict, replicas: int) -> int:
 
 def batch_stats(app: str, before: dict, after: dict, seconds: float) -> dict:
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    if app == "polyhead":
+    if app in SCRAPED:
         n = d.get("polyhead_batch_size_count", 0)
         compute = d.get("polyhead_batch_compute_seconds_sum", 0)
         return {"batches": int(n), "mean_batch_size": d.get("polyhead_batch_size_sum", 0) / n if n else None,
@@ -332,7 +332,7 @@ def level_table(run: dict) -> str:
                 lines.append(f"| {lv['concurrency']} | {app} | error: {msg} |" + " |" * 13)
                 continue
             eng = run.get("engine", {}).get(str(engine_batch(r, run.get("replicas", 1)))) \
-                if app == "polyhead" and r.get("mean_batch_size") else None
+                if app in SCRAPED and r.get("mean_batch_size") else None
             eng_s = f"{eng['rows_per_s']:.0f} @{eng['batch']}" if good(eng) else "-"
             lines.append(
                 f"| {lv['concurrency']} | {app} | {r['req_per_s']:.1f} | {r['ok_per_s']:.1f} | {fmt(r['p50_ms'])} | "
@@ -384,7 +384,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.8), squeeze=False)
-    colors = {"floor": "tab:gray", "polyhead": "tab:blue", "multiplexed": "tab:red"}
+    colors = {"floor": "tab:gray", "polyhead": "tab:blue", "proxied": "tab:cyan", "multiplexed": "tab:red"}
     for ax, run in zip(axes[0], runs):
         for app, color in colors.items():
             pts = [(lv[app]["ok_per_s"], lv[app]["p50_ms"], lv[app]["p99_ms"], lv["concurrency"])
@@ -418,8 +418,9 @@ def write_report(report: dict, out: Path, client: str) -> None:
     parts = [f"# serve_load ({report['date']})\n",
              f"Closed loop on 127.0.0.1, {s['duration_s']} s per level, app and input length, client `{client}` "
              f"(overload: `py`); {s['adapters']} random LoRA r=16 adapters (all encoder linears, 2-label head), "
-             f"{s['routes']}; {report['machine']['cpus']} CPUs shared by server and client. floor = same Ingress, "
-             "stub model; multiplexed = @serve.multiplexed(max_num_models_per_replica=8), one PEFT model per "
+             f"{s['routes']}; {report['machine']['cpus']} CPUs shared by server and client. "
+             f"Entry: {s.get('entry', 'proxy')}. floor = same Ingress, stub model; proxied = the polyhead app "
+             "through Ray Serve's proxy; multiplexed = @serve.multiplexed(max_num_models_per_replica=8), one PEFT model per "
              "adapter, as many replicas and threads as polyhead's model; engine = Engine.infer in-process, a torch "
              "thread per core, at polyhead's mean batch size x its mean replicas computing (one engine doing all "
              "the work). "
@@ -458,11 +459,13 @@ def main(argv=None) -> None:
                     help="model replicas of polyhead and of the multiplexed app (default: one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model replica (default 1)")
     ap.add_argument("--engine-nice", type=int, default=None, help="ServeConfig.engine_nice (default: its default)")
+    ap.add_argument("--proxy", action="store_true",
+                    help="every app through Serve's proxy (no direct ingress, as before it was the default)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (smoke runs: a temp dir)")
     args = ap.parse_args(argv)
     levels = sorted({int(x) for x in args.levels.split(",") if x})
     token_lengths = [int(x) for x in args.tokens.split(",") if x]
-    apps = [a for a in APPS if a in args.apps.split(",")]
+    apps = [a for a in APPS if a in args.apps.split(",") and not (a == "proxied" and args.proxy)]
     overload_apps = [a for a in args.overload_apps.split(",") if a in apps]
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "py")
     load = run_wrk if client == "wrk" else run_py
@@ -471,7 +474,7 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from serving import Engine
-    from serving.app import build_app, load_config, start_local_ray
+    from serving.app import build_app, direct_ingress_url, free_port, free_ports, load_config, start_local_ray
     from tests.adapter_factory import make_lora
 
     t0 = time.perf_counter()
@@ -497,12 +500,14 @@ def main(argv=None) -> None:
             cfg["engine_nice"] = args.engine_nice
         full = load_config(None, **cfg)
         push_s = getattr(full, "metrics_push_s", 0.0)
-        start_local_ray(2 * args.replicas * args.threads + 2, log_to_driver=False)
+        ports = None if args.proxy else free_ports(8)  # the ingress replicas' own ports (direct ingress)
+        start_local_ray(2 * args.replicas * args.threads + 2, direct_ingress_ports=ports, log_to_driver=False)
         import ray
         from ray import serve
 
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"  # Serve's proxy
+        urls = {app: url for app in APPS}
         report = {"benchmark": "serve_load", "date": dt.datetime.now().isoformat(timespec="seconds"),
                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                               "python": platform.python_version(), "torch": torch.__version__,
@@ -510,6 +515,9 @@ def main(argv=None) -> None:
                   "settings": {"duration_s": args.duration, "levels": levels, "tokens": token_lengths,
                                "adapters": N_ADAPTERS, "rank": 16, "targets": list(TARGETS), "client": client,
                                "overload_client": "py", "overload_factor": args.overload_factor,
+                               "entry": ("Serve's proxy for every app" if args.proxy else "direct ingress (floor, "
+                                         "polyhead: their ingress replicas' own ports); Serve's proxy for "
+                                         "proxied and multiplexed"),
                                "saturation_growth": GROWTH, "max_models_per_replica": args.max_models,
                                "routes": "half /v1/embeddings, half /v1/classify",
                                "app_config": {k: v for k, v in cfg.items() if k != "adapters"}},
@@ -527,15 +535,18 @@ def main(argv=None) -> None:
             }
             for app in list(apps):
                 try:
-                    serve.run(builders[app](), name=app, route_prefix=PREFIX[app] or "/")
-                    warm(url, app, names if app == "polyhead" else names[:4], texts[token_lengths[0]])
+                    if app != "proxied":  # the polyhead app, reached through the proxy
+                        serve.run(builders[app](), name=app, route_prefix=PREFIX[app] or "/")
+                    if ports is not None and app in ("floor", "polyhead"):
+                        urls[app] = direct_ingress_url(app, ports)
+                    warm(urls[app], app, names if app == "polyhead" else names[:4], texts[token_lengths[0]])
                 except Exception as exc:  # noqa: BLE001 - measure the other apps
                     report["app_errors"][app] = f"{type(exc).__name__}: {exc}"[:2000]
                     print(f"  {app}: not served: {report['app_errors'][app][:300]}", flush=True)
                     apps.remove(app)
             print(f"apps {apps} ready and warm after {time.perf_counter() - t0:.1f} s", flush=True)
             for n in token_lengths:
-                report["runs"].append(sweep(url, apps, overload_apps, levels, texts[n], names, n, args, load,
+                report["runs"].append(sweep(urls, apps, overload_apps, levels, texts[n], names, n, args, load,
                                             push_s, tmp))
         finally:
             serve.shutdown()
@@ -588,16 +599,16 @@ def warm(url: str, app: str, names: list[str], texts: list[str]) -> None:
                 raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
 
 
-def sweep(url, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp) -> dict:
-    """Every level for every app at one input length, then the overload runs."""
+def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp) -> dict:
+    """Every level for every app at one input length, then the overload runs; urls: app -> where it is loaded."""
     run = {"tokens": tokens, "replicas": args.replicas, "levels": [], "saturation": {}, "overload": {}}
     for app in apps:
-        warm(url, app, names[:4], texts)
+        warm(urls[app], app, names[:4], texts)
     time.sleep(push_s + 0.3)  # the warm-up's metrics reach /metrics before the first level's reading
     for conc in levels:
         lv = {"concurrency": conc}
         for app in apps:
-            lv[app] = measure(url, app, conc, texts, names, tokens, args.duration, load, push_s, tmp, args.replicas)
+            lv[app] = measure(urls[app], app, conc, texts, names, tokens, args.duration, load, push_s, tmp, args.replicas)
         run["levels"].append(lv)
     for app in apps:
         run["saturation"][app] = saturation(run["levels"], app)
@@ -605,12 +616,12 @@ def sweep(url, apps, overload_apps, levels, texts, names, tokens, args, load, pu
         sat = run["saturation"].get(app)
         if sat is None:
             continue
-        ref = measure(url, app, sat["concurrency"], texts, names, tokens, args.duration, run_py, push_s, tmp,
+        ref = measure(urls[app], app, sat["concurrency"], texts, names, tokens, args.duration, run_py, push_s, tmp,
                       args.replicas)
         over_conc = args.overload_factor * sat["concurrency"]
-        over = measure(url, app, over_conc, texts, names, tokens, args.duration,
+        over = measure(urls[app], app, over_conc, texts, names, tokens, args.duration,
                        functools.partial(run_py, honour_retry_after=True), push_s, tmp, args.replicas)
-        eager = measure(url, app, over_conc, texts, names, tokens, args.duration, run_py, push_s, tmp, args.replicas)
+        eager = measure(urls[app], app, over_conc, texts, names, tokens, args.duration, run_py, push_s, tmp, args.replicas)
         run["overload"][app] = overload_summary(sat, ref, over) if good(ref) and good(over) else \
             {"error": (ref.get("error") or over.get("error") or "?")}
         if good(run["overload"][app]) and good(eager):

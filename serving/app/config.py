@@ -44,10 +44,11 @@ class ServeConfig(BaseModel):
     # 2 x max_batch_size keeps one batch waiting behind the one computing; raise it with the number of model
     # replicas per ingress replica.
     max_pending_rows: int = Field(64, ge=1)
-    # the front gate in Ray's HTTP proxy (serving/app/gate.py): inference requests one proxy (one per node)
-    # lets through to this app at a time; beyond it, 429 + Retry-After before any Ray work. None: as many as
-    # max_pending_rows (one request is at least one row); 0: no gate. In a cluster, about max_pending_rows x
-    # ingress replicas / proxies.
+    # the front gate (serving/app/gate.py) in each HTTP server in front of the ingress (a direct-ingress
+    # replica's own, each node's Ray proxy): inference requests one of them lets through to this app at a
+    # time; beyond it, 429 + Retry-After before any Ray work. None: as many as max_pending_rows (one request
+    # is at least one row); 0: no gate. Behind proxies in a cluster, about max_pending_rows x ingress
+    # replicas / proxies.
     gate_max_requests: int | None = Field(None, ge=0)
     # requests waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
     # unbounded (Ray's default). A request beyond it answers 429 with Retry-After at once.

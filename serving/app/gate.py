@@ -2,7 +2,10 @@
 
 Ray Serve's proxy wraps its ASGI app in the Starlette middlewares returned by the function that
 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names, called when the proxy starts; `middlewares()` is that
-function (`start_local_ray` sets the variable; deploy/ sets it in the cluster's pods).
+function (`start_local_ray` sets the variable; deploy/ sets it in the cluster's pods). With direct ingress
+(`start_local_ray(direct_ingress_ports=...)`, what `polyhead serve` runs) each ingress replica's own HTTP
+server is wrapped in the same middlewares: the gate then sits in front of Serve's request handling in that
+replica, and a "proxy" below means whichever HTTP server the gate wraps.
 
 `Gate` counts, per route prefix, the inference requests (POST .../v1/classify, /v1/tag, /v1/embeddings)
 this proxy has passed on and not yet answered. While a polyhead app's limit of them is out, a new one is

@@ -186,7 +186,7 @@ class Ingress:
     # plumbing -----------------------------------------------------------------------------
 
     def _gate_config(self) -> str | None:
-        """ADMISSION_HEADER's value for the front gate in Ray's proxy (serving/app/gate.py); None outside Serve."""
+        """ADMISSION_HEADER's value for the front gate (serving/app/gate.py); None outside Serve."""
         try:
             app_name = serve.get_replica_context().app_name
         except Exception:  # noqa: BLE001 - not in a Serve replica: no proxy in front

@@ -34,23 +34,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _free_ports(n: int) -> range:
-    """n consecutive ports free on 127.0.0.1 now (the ingress replicas' direct ports)."""
-    import random
-
-    rng = random.Random()
-    for _ in range(200):
-        start = rng.randrange(20000, 29000)
-        try:
-            for port in range(start, start + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return range(start, start + n)
-    raise RuntimeError(f"no {n} consecutive free ports found")
-
-
 def _with_labels(folder: Path, labels: list[str], problem_type: str | None = None) -> Path:
     cfg = {"num_labels": len(labels), "id2label": {str(i): lab for i, lab in enumerate(labels)}}
     if problem_type:
@@ -112,10 +95,10 @@ def urls(adapter_dirs, store_root):
     import ray
     from ray import serve
 
-    from serving.app import build_app, direct_ingress_url, start_local_ray
+    from serving.app import build_app, direct_ingress_url, free_ports, start_local_ray
 
     port = _free_port()
-    ports = _free_ports(8)
+    ports = free_ports(8)
     start_local_ray(4, direct_ingress_ports=ports, log_to_driver=False,
                     _system_config={"metrics_report_interval_ms": 500})
     try:
