@@ -73,7 +73,9 @@ def start_local_ray(num_cpus: int, direct_ingress_ports: range | None = None, **
     proxy hop (the proxy's HTTP work, its call into the ingress replica, the answer streamed back) was half
     the front end's CPU: serve_load, 32 tokens, 2 cores, the same app both ways side by side: 92-96 vs 58-62
     req/s at concurrency 32, p50 35 vs 47-49 ms at concurrency 1. A released port is reused at once
-    (Ray's quarantine is for an HAProxy in front), so a restarted ingress replica listens where it did.
+    (Ray's quarantine is for an HAProxy in front), so a restarted ingress replica listens where it did, and a
+    stopping one holds its port only while it finishes its ongoing requests (Ray's minimum draining period,
+    30 s for a load balancer to deregister it, is 0 here).
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when Ray's constants are imported
     if direct_ingress_ports is not None:  # all read by Serve's controller and replicas, which Ray starts below
@@ -83,6 +85,9 @@ def start_local_ray(num_cpus: int, direct_ingress_ports: range | None = None, **
         os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(direct_ingress_ports.start)
         os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(direct_ingress_ports.stop)  # exclusive
         os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
+        # a stopping ingress replica still finishes its ongoing requests; Ray's extra hold (30 s, for a load
+        # balancer in front to deregister it) has no one to wait for here and made Ctrl-C take 35 s or more
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this starts
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)  # read by Serve's proxy
     import ray
@@ -130,6 +135,24 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = LOOPBACK) -> range:
+    """n consecutive ports free on `host` now (for direct_ingress_ports when several ingress replicas run)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(20000, 29000)
+        try:
+            for port in range(start, start + n):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return range(start, start + n)
+    raise RuntimeError(f"no {n} consecutive free ports found on {host}")
+
+
 def loopback_setup_hook():
     """A Ray worker setup hook: Serve replicas' inter-deployment gRPC server listens on 127.0.0.1, not [::].
 
@@ -173,6 +196,8 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)  # SIGTERM as Ctrl-C: unwind through the shutdown below
+    # Ctrl-C even where this process started with SIGINT ignored (a background job of a script inherits that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         ports = range(cfg.port, cfg.port + 1) if cfg.direct_ingress else None  # the one ingress replica
         start_local_ray(num_cpus, direct_ingress_ports=ports)
@@ -186,8 +211,8 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
         via = f"; Ray Serve's proxy on port {proxy_port}" if cfg.direct_ingress else ""
         print(f"polyhead: serving {cfg.resolved_model_name()} on http://{cfg.host}:{cfg.port} "
               f"(GET /ready, /v1/models, /metrics){via}; Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(3600)
+        while True:  # short sleeps: a signal that another thread received still runs its handler here soon
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
