@@ -1,6 +1,6 @@
 """The baseline for serve_load.py: many adapters the way Ray's documentation suggests for many models.
 
-One Ray Serve deployment, the HTTP entry itself (as in Ray's "Model Multiplexing" guide), with
+Every model in the given dtype, as polyhead's. One Ray Serve deployment, the HTTP entry itself (as in Ray's "Model Multiplexing" guide), with
 `@serve.multiplexed(max_num_models_per_replica=8)`: each adapter id is its own PEFT model, built on
 first use by `PeftModel.from_pretrained` on a fresh copy of the base and evicted LRU beyond 8.
 The client names the adapter in the `serve_multiplexed_model_id` header (Ray's proxy routes on it) and
@@ -20,7 +20,7 @@ from __future__ import annotations
 def multiplexed_app(base_dir: str, adapter_dirs: dict[str, str], *, num_labels: int = 2, max_models: int = 8,
                     max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, num_threads: int = 1,
                     num_cpus: float = 1, max_ongoing_requests: int = 64, max_queued_requests: int = -1,
-                    num_replicas: int = 1):
+                    num_replicas: int = 1, dtype: str = "float32"):
     """The Application (bind it with serve.run). Defined in a function: Ray ships the class by value."""
     from ray import serve
     from starlette.requests import Request
@@ -32,6 +32,8 @@ def multiplexed_app(base_dir: str, adapter_dirs: dict[str, str], *, num_labels: 
         def __init__(self):
             import torch
             import transformers
+
+            self.dtype = getattr(torch, dtype)  # every model's weights and compute, as polyhead's Engine
             from transformers import AutoTokenizer
 
             from concurrent.futures import ThreadPoolExecutor
@@ -47,13 +49,12 @@ def multiplexed_app(base_dir: str, adapter_dirs: dict[str, str], *, num_labels: 
 
             return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
-        @staticmethod
-        def load(model_id: str):
+        def load(self, model_id: str):
             from peft import PeftModel
             from transformers import AutoModelForSequenceClassification
 
-            base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
-            return PeftModel.from_pretrained(base, adapter_dirs[model_id]).eval()
+            base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, dtype=self.dtype)
+            return PeftModel.from_pretrained(base, adapter_dirs[model_id]).to(self.dtype).eval()
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_model(self, model_id: str):
@@ -99,10 +100,11 @@ def multiplexed_app(base_dir: str, adapter_dirs: dict[str, str], *, num_labels: 
             with torch.inference_mode():
                 out = model(**enc, output_hidden_states=True)
             mask = enc["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)  # [B, T, 1]
-            embeddings = (out.hidden_states[-1] * mask).sum(1) / mask.sum(1)  # [B, H]
-            probs = out.logits.softmax(-1)  # [B, num_labels]
+            embeddings = ((out.hidden_states[-1] * mask).sum(1) / mask.sum(1)).float()  # [B, H]
+            logits = out.logits.float()
+            probs = logits.softmax(-1)  # [B, num_labels]
             return [embeddings[i].tolist() if need == "embedding"
-                    else {"logits": out.logits[i].tolist(), "probs": probs[i].tolist()}
+                    else {"logits": logits[i].tolist(), "probs": probs[i].tolist()}
                     for i, (_, need) in enumerate(items)]
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)

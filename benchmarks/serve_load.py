@@ -459,6 +459,9 @@ def main(argv=None) -> None:
                     help="model replicas of polyhead and of the multiplexed app (default: one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model replica (default 1)")
     ap.add_argument("--engine-nice", type=int, default=None, help="ServeConfig.engine_nice (default: its default)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="every model's dtype: polyhead's, the multiplexed PEFT models' and the in-process engine's "
+                         "(default auto, as deploy/serve_config.yaml: bfloat16 on CPUs with AMX/AVX512-BF16)")
     ap.add_argument("--proxy", action="store_true",
                     help="every app through Serve's proxy (no direct ingress, as before it was the default)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (smoke runs: a temp dir)")
@@ -474,6 +477,7 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from serving import Engine
+    from serving.engine import auto_dtype
     from serving.app import build_app, direct_ingress_url, free_port, free_ports, load_config, start_local_ray
     from tests.adapter_factory import make_lora
 
@@ -484,7 +488,8 @@ def main(argv=None) -> None:
         tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
         texts = {n: make_texts(tok, 256, n, seed=n) for n in token_lengths}
         torch.set_num_threads(os.cpu_count() or 1)
-        engine = Engine.from_pretrained(base, max_slots=N_ADAPTERS, max_rank=16)
+        dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
+        engine = Engine.from_pretrained(base, dtype=dtype, max_slots=N_ADAPTERS, max_rank=16)
         names = [f"lora-{i:02d}" for i in range(N_ADAPTERS)]
         dirs = {name: str(make_lora(tmp / "adapters" / name, engine.schema, seed=100 + i, r=16, alpha=32,
                                     targets=TARGETS, head="SEQ_CLS", num_labels=2))
@@ -495,6 +500,7 @@ def main(argv=None) -> None:
                "max_ongoing_requests": max(64, args.max_batch_size), "max_queued_requests": 256,
                "max_pending_rows": 2 * args.max_batch_size,
                "num_replicas": args.replicas, "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16,
+               "dtype": dtype,
                "adapters": dirs}
         if args.engine_nice is not None:
             cfg["engine_nice"] = args.engine_nice
@@ -531,7 +537,7 @@ def main(argv=None) -> None:
                     base, dirs, max_models=args.max_models, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_s, num_threads=args.threads, num_cpus=args.threads,
                     max_ongoing_requests=cfg["max_ongoing_requests"],
-                    max_queued_requests=cfg["max_queued_requests"], num_replicas=args.replicas),
+                    max_queued_requests=cfg["max_queued_requests"], num_replicas=args.replicas, dtype=dtype),
             }
             for app in list(apps):
                 try:

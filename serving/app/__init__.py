@@ -209,7 +209,8 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
         if ports is not None:
             direct_ingress_url("polyhead", ports, cfg.host)
         via = f"; Ray Serve's proxy on port {proxy_port}" if cfg.direct_ingress else ""
-        print(f"polyhead: serving {cfg.resolved_model_name()} on http://{cfg.host}:{cfg.port} "
+        dtype = serve.get_deployment_handle("ModelServer", "polyhead").info.remote().result()["dtype"]
+        print(f"polyhead: serving {cfg.resolved_model_name()} ({dtype}) on http://{cfg.host}:{cfg.port} "
               f"(GET /ready, /v1/models, /metrics){via}; Ctrl-C to stop", flush=True)
         while True:  # short sleeps: a signal that another thread received still runs its handler here soon
             time.sleep(0.5)

