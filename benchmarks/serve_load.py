@@ -459,6 +459,8 @@ def main(argv=None) -> None:
                     help="model replicas of polyhead and of the multiplexed app (default: one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model replica (default 1)")
     ap.add_argument("--engine-nice", type=int, default=None, help="ServeConfig.engine_nice (default: its default)")
+    ap.add_argument("--max-model-calls", type=int, default=None,
+                    help="ServeConfig.max_model_calls (default: its default, 0: one call per request)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="every model's dtype: polyhead's, the multiplexed PEFT models' and the in-process engine's "
                          "(default auto, as deploy/serve_config.yaml: bfloat16 on CPUs with AMX/AVX512-BF16)")
@@ -504,6 +506,8 @@ def main(argv=None) -> None:
                "adapters": dirs}
         if args.engine_nice is not None:
             cfg["engine_nice"] = args.engine_nice
+        if args.max_model_calls is not None:
+            cfg["max_model_calls"] = args.max_model_calls
         full = load_config(None, **cfg)
         push_s = getattr(full, "metrics_push_s", 0.0)
         ports = None if args.proxy else free_ports(8)  # the ingress replicas' own ports (direct ingress)

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters_store import AdapterError, check_name, parse_ref
 
 from .admission import Admission
+from .coalesce import Coalescer
 from .config import ServeConfig
 from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
 from .hub import MetricsPusher
@@ -167,6 +168,8 @@ class Ingress:
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
         self.admission = Admission(self.cfg.max_pending_rows, self.cfg.retry_after_s, self.cfg.max_retry_after_s)
         self.gate_config = self._gate_config()
+        calls = self.cfg.max_model_calls
+        self.coalescer = Coalescer(self._send_rows, calls, self.cfg.max_batch_size, _cancel) if calls else None
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config of this deployment, given to every Ingress replica (and again on each change):
@@ -330,7 +333,8 @@ class Ingress:
         return out
 
     async def _run_rows(self, route: str, rows: list[dict], names: list[str | None]) -> list[dict]:
-        """The request's rows in ONE ModelServer call (they join the same batch there).
+        """The request's rows in ONE ModelServer call (they join the same batch there), shared with concurrent
+        requests' rows (serving/app/coalesce.py) where max_model_calls is set.
 
         Admission (serving/app/admission.py): while this ingress replica has `max_pending_rows` rows at the
         model, a new request is refused at once (429, Retry-After) without reaching the model, so an overloaded
@@ -341,7 +345,7 @@ class Ingress:
             raise self._overloaded()
         self.admission.admit(len(rows))
         start = time.perf_counter()
-        call = self.model.infer_rows.remote(rows)
+        call = self.coalescer.submit(rows) if self.coalescer is not None else self._send_rows(rows)
         results = None
         try:
             results = await call
@@ -349,8 +353,9 @@ class Ingress:
             raise self._overloaded() from None
         except UNAVAILABLE as exc:
             raise self._unavailable(exc) from None
-        except asyncio.CancelledError:  # the client went away: so do its rows
-            _cancel(call)
+        except asyncio.CancelledError:  # the client went away: so do its rows (a shared call: once all its are gone)
+            if self.coalescer is None:
+                _cancel(call)
             raise
         finally:
             self.admission.done(len(rows), answered=results is not None)
@@ -364,6 +369,11 @@ class Ingress:
                 adapter = "unknown" if res["code"] == "adapter_not_found" else adapter_label(name)
                 raise ApiError(status, res["error"], res["code"], adapter=adapter)
         return results
+
+    def _send_rows(self, rows: list[dict]):
+        """One ModelServer call with these rows (one request's, or several requests' coalesced)."""
+        self.metrics.model_call_rows.observe(len(rows))
+        return self.model.infer_rows.remote(rows)
 
     def _respond(self, route: str, body: dict, rows: list[dict], names: list[str | None]) -> JSONResponse:
         for name in names:

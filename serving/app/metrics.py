@@ -42,6 +42,9 @@ INGRESS_SERIES = {
                       ("route",), LATENCY_BUCKETS),
     "queue": Series("polyhead_queue_seconds", "histogram", "per row: the ingress's wait for its result minus its "
                     "batch's compute time (queues, batch wait, transfers)", ("route",), LATENCY_BUCKETS),
+    "model_call_rows": Series("polyhead_model_call_rows", "histogram", "rows per call from the ingress to the model "
+                              "deployment (concurrent requests share calls: serving/app/coalesce.py)", (),
+                              SIZE_BUCKETS),
 }
 MODEL_SERIES = {
     "batch_size": Series("polyhead_batch_size", "histogram", "rows per batch", (), SIZE_BUCKETS),

@@ -106,7 +106,7 @@ def urls(adapter_dirs, store_root):
         static = ("cls-a", "cls-b", "ml", "ner", "ner-b", "emb", "lazy", "victim")
         served = {k: str(v) for k, v in adapter_dirs.items() if k in static}
         main = build_app({"max_batch_size": 16, "batch_wait_timeout_s": 0.15, "max_ongoing_requests": 32,
-                          "max_queued_requests": 64, "max_pending_rows": 64, "num_threads": 2, "num_cpus": 1, "max_slots": 8,
+                          "max_queued_requests": 64, "max_pending_rows": 64, "max_model_calls": 2, "num_threads": 2, "num_cpus": 1, "max_slots": 8,
                           "admin_api_key": ADMIN_KEY, "adapters": served, "max_items": 64, "max_models": 8,
                           "max_body_bytes": 200_000, "store_root": str(store_root), "store_ttl_s": 0.2,
                           "metrics_push_s": 0.1})

@@ -72,6 +72,10 @@ def test_concurrent_rows_for_different_adapters_share_a_batch_and_equal_the_engi
     after = metrics(client)
     assert sample(after, "polyhead_batch_adapters_count") > sample(before, "polyhead_batch_adapters_count")
     assert sample(after, "polyhead_batch_adapters_sum") - sample(before, "polyhead_batch_adapters_sum") >= 2
+    # the ingress keeps max_model_calls=2 calls out: the requests arriving meanwhile shared the next call
+    calls = sample(after, "polyhead_model_call_rows_count") - sample(before, "polyhead_model_call_rows_count")
+    rows = sample(after, "polyhead_model_call_rows_sum") - sample(before, "polyhead_model_call_rows_sum")
+    assert rows == len(adapters) and 1 <= calls < len(adapters), (calls, rows)
 
 
 def test_one_request_with_several_models_and_inputs(client, engine):

@@ -1,0 +1,191 @@
+"""Coalescer (serving/app/coalesce.py) on plain asyncio, with a fake model whose calls the test answers."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.app.coalesce import Coalescer
+
+
+class FakeModel:
+    """send(rows) -> an awaitable the test resolves; answers each row r with ("done", r)."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+        self.pending: list[asyncio.Future] = []
+        self.cancelled: list[list] = []
+        self.most_out = 0
+
+    def send(self, rows):
+        self.calls.append(list(rows))
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        self.most_out = max(self.most_out, sum(not f.done() for f in self.pending))
+        return fut
+
+    def cancel(self, call):
+        self.cancelled.append(self.calls[self.pending.index(call)])
+        call.cancel()
+
+    def answer(self, i, results=None, error=None):
+        fut = self.pending[i]
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(results if results is not None else [("done", r) for r in self.calls[i]])
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_lone_request_leaves_at_once_with_its_rows():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=2, max_rows=8)
+        task = asyncio.create_task(co.submit(["a", "b"]))
+        await settle()
+        assert model.calls == [["a", "b"]]
+        model.answer(0)
+        assert await task == [("done", "a"), ("done", "b")]
+        assert co.out == 0
+    run(main())
+
+
+def test_requests_arriving_while_calls_are_out_leave_together_and_get_their_own_rows():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=1, max_rows=8)
+        first = asyncio.create_task(co.submit(["r0"]))
+        await settle()
+        later = [asyncio.create_task(co.submit([f"r{i}a", f"r{i}b"] if i == 2 else [f"r{i}"])) for i in (1, 2, 3)]
+        await settle()
+        assert model.calls == [["r0"]]  # max_calls=1: the others wait for it
+        model.answer(0)
+        assert await first == [("done", "r0")]
+        await settle()
+        assert model.calls[1] == ["r1", "r2a", "r2b", "r3"]  # one call, in arrival order
+        model.answer(1)
+        assert [await t for t in later] == [[("done", "r1")], [("done", "r2a"), ("done", "r2b")], [("done", "r3")]]
+        assert co.calls == 2 and model.most_out == 1
+    run(main())
+
+
+def test_never_more_than_max_calls_out_and_never_a_request_split():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=2, max_rows=4)
+        tasks = [asyncio.create_task(co.submit([f"{i}.{j}" for j in range(n)]))
+                 for i, n in enumerate([1, 1, 3, 2, 6, 1])]
+        await settle()
+        assert model.calls == [["0.0"], ["1.0"]]
+        model.answer(0)
+        await settle()
+        assert model.calls[2] == ["2.0", "2.1", "2.2"]  # 3 + the next 2 rows would pass max_rows=4
+        model.answer(1)
+        await settle()
+        assert model.calls[3] == ["3.0", "3.1"]
+        model.answer(2)
+        await settle()
+        assert model.calls[4] == [f"4.{j}" for j in range(6)]  # over max_rows alone: sent whole, by itself
+        model.answer(3)
+        await settle()
+        assert model.calls[5] == ["5.0"]
+        model.answer(4)
+        model.answer(5)
+        results = [await t for t in tasks]
+        assert [len(r) for r in results] == [1, 1, 3, 2, 6, 1]
+        assert model.most_out == 2
+    run(main())
+
+
+def test_a_failed_call_fails_every_request_in_it_and_later_calls_still_run():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=1, max_rows=8)
+        first = asyncio.create_task(co.submit(["x"]))
+        await settle()
+        a, b = asyncio.create_task(co.submit(["a"])), asyncio.create_task(co.submit(["b"]))
+        await settle()
+        model.answer(0)
+        await first
+        await settle()
+        model.answer(1, error=LookupError("queue full"))
+        for t in (a, b):
+            with pytest.raises(LookupError, match="queue full"):
+                await t
+        c = asyncio.create_task(co.submit(["c"]))
+        await settle()
+        model.answer(2)
+        assert await c == [("done", "c")]
+    run(main())
+
+
+def test_a_wrong_number_of_results_is_an_error_not_a_shifted_answer():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=1, max_rows=8)
+        task = asyncio.create_task(co.submit(["a", "b"]))
+        await settle()
+        model.answer(0, results=[("done", "a")])
+        with pytest.raises(RuntimeError, match="1 rows for 2"):
+            await task
+    run(main())
+
+
+def test_a_request_cancelled_while_waiting_never_leaves():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=1, max_rows=8, cancel=model.cancel)
+        first = asyncio.create_task(co.submit(["x"]))
+        await settle()
+        gone, kept = asyncio.create_task(co.submit(["gone"])), asyncio.create_task(co.submit(["kept"]))
+        await settle()
+        gone.cancel()
+        await settle()
+        model.answer(0)
+        await first
+        await settle()
+        assert model.calls[1] == ["kept"]
+        model.answer(1)
+        assert await kept == [("done", "kept")]
+        assert gone.cancelled() and model.cancelled == []
+    run(main())
+
+
+def test_a_call_is_cancelled_once_all_its_requests_are_and_not_before():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=1, max_rows=8, cancel=model.cancel)
+        first = asyncio.create_task(co.submit(["x"]))
+        await settle()
+        a, b = asyncio.create_task(co.submit(["a"])), asyncio.create_task(co.submit(["b"]))
+        await settle()
+        model.answer(0)
+        await first
+        await settle()
+        assert model.calls[1] == ["a", "b"]
+        a.cancel()
+        await settle()
+        assert model.cancelled == []  # b still wants the call
+        b.cancel()
+        await settle()
+        assert model.cancelled == [["a", "b"]]
+        c = asyncio.create_task(co.submit(["c"]))  # the cancelled call freed its place
+        await settle()
+        assert model.calls[2] == ["c"]
+        model.answer(2)
+        assert await c == [("done", "c")]
+    run(main())
+
+
+@pytest.mark.parametrize("calls,rows", [(0, 8), (1, 0)])
+def test_limits_below_one_are_refused(calls, rows):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        Coalescer(lambda rows: None, calls, rows)
