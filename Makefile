@@ -27,6 +27,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
 	$(PY) benchmarks/mixed_kinds.py
+	$(PY) benchmarks/engine_dtype.py
 	$(PY) benchmarks/serve_load.py
 
 clean:

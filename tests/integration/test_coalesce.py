@@ -45,6 +45,20 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def two_sharing_the_second_call(co, model):
+    """Requests a and b submitted while a first call is out (max_calls=1); returns them once that first call
+    has been answered and theirs (call 1) is out."""
+    first = asyncio.create_task(co.submit(["x"]))
+    await settle()
+    a, b = asyncio.create_task(co.submit(["a"])), asyncio.create_task(co.submit(["b"]))
+    await settle()
+    model.answer(0)
+    assert await first == [("done", "x")]
+    await settle()
+    assert model.calls[1] == ["a", "b"]
+    return a, b
+
+
 def test_a_lone_request_leaves_at_once_with_its_rows():
     async def main():
         model = FakeModel()
@@ -109,13 +123,7 @@ def test_a_failed_call_fails_every_request_in_it_and_later_calls_still_run():
     async def main():
         model = FakeModel()
         co = Coalescer(model.send, max_calls=1, max_rows=8)
-        first = asyncio.create_task(co.submit(["x"]))
-        await settle()
-        a, b = asyncio.create_task(co.submit(["a"])), asyncio.create_task(co.submit(["b"]))
-        await settle()
-        model.answer(0)
-        await first
-        await settle()
+        a, b = await two_sharing_the_second_call(co, model)
         model.answer(1, error=LookupError("queue full"))
         for t in (a, b):
             with pytest.raises(LookupError, match="queue full"):
@@ -163,14 +171,7 @@ def test_a_call_is_cancelled_once_all_its_requests_are_and_not_before():
     async def main():
         model = FakeModel()
         co = Coalescer(model.send, max_calls=1, max_rows=8, cancel=model.cancel)
-        first = asyncio.create_task(co.submit(["x"]))
-        await settle()
-        a, b = asyncio.create_task(co.submit(["a"])), asyncio.create_task(co.submit(["b"]))
-        await settle()
-        model.answer(0)
-        await first
-        await settle()
-        assert model.calls[1] == ["a", "b"]
+        a, b = await two_sharing_the_second_call(co, model)
         a.cancel()
         await settle()
         assert model.cancelled == []  # b still wants the call
