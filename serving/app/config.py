@@ -59,9 +59,9 @@ class ServeConfig(BaseModel):
     # while that many are out leave together in the next call (up to max_batch_size rows), so a call's fixed
     # cost in Ray is paid per call rather than per request. 0 (default): one call per request, sent at once.
     # Measured on 2 CPU cores (benchmarks/README.md): the stub-model floor served 1.9x the requests at
-    # concurrency 32 with 4 calls, but polyhead's batches halved (rows per batch ~ rows per call) and its req/s
-    # moved within the machine's noise (-12 % to +19 %): worth it where the front end, not the model, is the
-    # bottleneck (fast models, GPUs), with a few calls per model replica.
+    # concurrency 32 with 4 calls, but polyhead's batches shrank from 8 to 4-5 rows (requests held here miss
+    # the model's next batch) and its req/s moved within the machine's noise (-12 % to +19 %): worth it where
+    # the front end, not the model, is the bottleneck (fast models, GPUs), with a few calls per model replica.
     max_model_calls: int = Field(0, ge=0)
     retry_after_s: int = Field(1, ge=0, le=3600)  # Retry-After of 503 (not ready, draining); the least for 429
     # a 429's Retry-After: the time the model needs for the rows admitted plus the clients refused lately, at
