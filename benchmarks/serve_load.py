@@ -479,7 +479,6 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from serving import Engine
-    from serving.engine import auto_dtype
     from serving.app import build_app, direct_ingress_url, free_port, free_ports, load_config, start_local_ray
     from tests.adapter_factory import make_lora
 
@@ -490,8 +489,8 @@ def main(argv=None) -> None:
         tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
         texts = {n: make_texts(tok, 256, n, seed=n) for n in token_lengths}
         torch.set_num_threads(os.cpu_count() or 1)
-        dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
-        engine = Engine.from_pretrained(base, dtype=dtype, max_slots=N_ADAPTERS, max_rank=16)
+        engine = Engine.from_pretrained(base, dtype=args.dtype, max_slots=N_ADAPTERS, max_rank=16)
+        dtype = str(engine.dtype).removeprefix("torch.")  # what auto resolved to: every app gets the same
         names = [f"lora-{i:02d}" for i in range(N_ADAPTERS)]
         dirs = {name: str(make_lora(tmp / "adapters" / name, engine.schema, seed=100 + i, r=16, alpha=32,
                                     targets=TARGETS, head="SEQ_CLS", num_labels=2))

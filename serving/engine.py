@@ -49,9 +49,8 @@ def auto_dtype(device: str | torch.device) -> str:
     if kind == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if kind == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        native = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
-                                                                          "_is_avx512_bf16_supported"))
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
+                                                                                "_is_avx512_bf16_supported"))
         return "bfloat16" if native else "float32"
     return "float32"
 

@@ -13,6 +13,7 @@ while it waits here never leaves; a call whose requests have all been cancelled 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ class Coalescer:
             raise ValueError(f"max_calls and max_rows must be >= 1, got {max_calls} and {max_rows}")
         self._send, self._cancel = send, cancel
         self.max_calls, self.max_rows = max_calls, max_rows
-        self._queue: list[_Waiting] = []
+        self._queue: deque[_Waiting] = deque()
         self.out = 0  # calls started and not yet answered
         self.calls = 0  # calls started, ever (for tests and metrics)
 
@@ -49,11 +50,11 @@ class Coalescer:
             while self._queue:
                 head = self._queue[0]
                 if head.future.done():  # cancelled while it waited
-                    self._queue.pop(0)
+                    self._queue.popleft()
                     continue
                 if group and n + len(head.rows) > self.max_rows:
                     break
-                group.append(self._queue.pop(0))
+                group.append(self._queue.popleft())
                 n += len(head.rows)
             if not group:
                 return
@@ -74,16 +75,11 @@ class Coalescer:
                 w.future.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - each request gets the call's outcome
-            for w in group:
-                if not w.future.done():
-                    w.future.set_exception(exc)
+            _fail(group, exc)
             return
         else:
             if len(results) != len(rows):
-                error = RuntimeError(f"the model answered {len(results)} rows for {len(rows)}")
-                for w in group:
-                    if not w.future.done():
-                        w.future.set_exception(error)
+                _fail(group, RuntimeError(f"the model answered {len(results)} rows for {len(rows)}"))
                 return
             i = 0
             for w in group:
@@ -98,10 +94,12 @@ class Coalescer:
 
     async def _cancel_when_abandoned(self, group: list[_Waiting], call) -> None:
         """Cancel the call once every request in it has been cancelled (their clients went away)."""
-        await asyncio.gather(*(_done(w.future) for w in group))
+        await asyncio.wait([w.future for w in group])
         if all(w.future.cancelled() for w in group):
             self._cancel(call)
 
 
-async def _done(future: asyncio.Future) -> None:
-    await asyncio.wait([future])
+def _fail(group: list[_Waiting], exc: Exception) -> None:
+    for w in group:
+        if not w.future.done():
+            w.future.set_exception(exc)

@@ -13,7 +13,6 @@ test_multi_replica.py deploys a second app with two replicas of each deployment 
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Callable
 from pathlib import Path
@@ -26,12 +25,6 @@ from tests.conftest import minilm_path
 
 ADMIN_KEY = "test-admin-key"
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_labels(folder: Path, labels: list[str], problem_type: str | None = None) -> Path:
@@ -95,9 +88,9 @@ def urls(adapter_dirs, store_root):
     import ray
     from ray import serve
 
-    from serving.app import build_app, direct_ingress_url, free_ports, start_local_ray
+    from serving.app import build_app, direct_ingress_url, free_port, free_ports, start_local_ray
 
-    port = _free_port()
+    port = free_port()
     ports = free_ports(8)
     start_local_ray(4, direct_ingress_ports=ports, log_to_driver=False,
                     _system_config={"metrics_report_interval_ms": 500})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,13 @@ import httpx
 import pytest
 import yaml
 
+from serving.app import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TCP_LISTEN = "0A"
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from Linux /proc")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -129,7 +124,7 @@ def _serve_config(tmp_path: Path, port: int) -> Path:
 
 
 def test_make_serve_listens_on_loopback_only_and_stops_with_ray(tmp_path):
-    port = _free_port()
+    port = free_port()
     config = _serve_config(tmp_path, port)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "serve.log").open("w")
