@@ -461,6 +461,8 @@ def main(argv=None) -> None:
     ap.add_argument("--engine-nice", type=int, default=None, help="ServeConfig.engine_nice (default: its default)")
     ap.add_argument("--max-model-calls", type=int, default=None,
                     help="ServeConfig.max_model_calls (default: its default, 0: one call per request)")
+    ap.add_argument("--coalesce-window-ms", type=float, default=None,
+                    help="ServeConfig.coalesce_window_ms (default: its default)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="every model's dtype: polyhead's, the multiplexed PEFT models' and the in-process engine's "
                          "(default auto, as deploy/serve_config.yaml: bfloat16 on CPUs with AMX/AVX512-BF16)")
@@ -507,6 +509,8 @@ def main(argv=None) -> None:
             cfg["engine_nice"] = args.engine_nice
         if args.max_model_calls is not None:
             cfg["max_model_calls"] = args.max_model_calls
+        if args.coalesce_window_ms is not None:
+            cfg["coalesce_window_ms"] = args.coalesce_window_ms
         full = load_config(None, **cfg)
         push_s = getattr(full, "metrics_push_s", 0.0)
         ports = None if args.proxy else free_ports(8)  # the ingress replicas' own ports (direct ingress)

@@ -26,14 +26,18 @@ class _Waiting:
 
 class Coalescer:
     def __init__(self, send: Callable[[list], Any], max_calls: int, max_rows: int,
-                 cancel: Callable[[Any], None] | None = None):
+                 cancel: Callable[[Any], None] | None = None, window_s: float = 0.0):
         """send(rows) starts one call and returns what to await for its results (one per row, in order);
-        cancel(call) gives up a started call."""
-        if max_calls < 1 or max_rows < 1:
-            raise ValueError(f"max_calls and max_rows must be >= 1, got {max_calls} and {max_rows}")
+        cancel(call) gives up a started call. max_calls 0: no limit on calls out. window_s > 0: while a call
+        is out, a request waits up to window_s for others to share its call (max_rows of them leave at once)."""
+        if max_calls < 0 or max_rows < 1 or window_s < 0 or not (max_calls or window_s):
+            raise ValueError(f"need max_calls >= 0, max_rows >= 1, window_s >= 0 and max_calls or window_s set, "
+                             f"got {max_calls}, {max_rows} and {window_s}")
         self._send, self._cancel = send, cancel
-        self.max_calls, self.max_rows = max_calls, max_rows
+        self.max_calls, self.max_rows, self.window_s = max_calls, max_rows, window_s
         self._queue: deque[_Waiting] = deque()
+        self._queued_rows = 0
+        self._timer: asyncio.TimerHandle | None = None
         self.out = 0  # calls started and not yet answered
         self.calls = 0  # calls started, ever (for tests and metrics)
 
@@ -41,21 +45,41 @@ class Coalescer:
         """The results of `rows` (one per row), from a call they share with other requests' rows."""
         waiting = _Waiting(rows, asyncio.get_running_loop().create_future())
         self._queue.append(waiting)
-        self._start_calls()
+        self._queued_rows += len(rows)
+        self._schedule()
         return await waiting.future
 
+    def _schedule(self) -> None:
+        """Start calls now, or once the window has passed (while a call is out and fewer than max_rows wait)."""
+        if not self._queue or (self.max_calls and self.out >= self.max_calls):
+            return  # a returning call starts the next ones
+        if self.window_s and self.out and self._queued_rows < self.max_rows:
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.window_s, self._window_ends)
+            return
+        self._start_calls()
+
+    def _window_ends(self) -> None:
+        self._timer = None
+        if not (self.max_calls and self.out >= self.max_calls):
+            self._start_calls()
+
     def _start_calls(self) -> None:
-        while self.out < self.max_calls:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while not self.max_calls or self.out < self.max_calls:
             group, n = [], 0
             while self._queue:
                 head = self._queue[0]
                 if head.future.done():  # cancelled while it waited
-                    self._queue.popleft()
+                    self._queued_rows -= len(self._queue.popleft().rows)
                     continue
                 if group and n + len(head.rows) > self.max_rows:
                     break
                 group.append(self._queue.popleft())
                 n += len(head.rows)
+            self._queued_rows -= n
             if not group:
                 return
             self.out += 1
@@ -90,7 +114,7 @@ class Coalescer:
             if watch is not None:
                 watch.cancel()
             self.out -= 1
-            self._start_calls()
+            self._schedule()
 
     async def _cancel_when_abandoned(self, group: list[_Waiting], call) -> None:
         """Cancel the call once every request in it has been cancelled (their clients went away)."""

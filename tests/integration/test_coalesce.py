@@ -186,7 +186,47 @@ def test_a_call_is_cancelled_once_all_its_requests_are_and_not_before():
     run(main())
 
 
-@pytest.mark.parametrize("calls,rows", [(0, 8), (1, 0)])
-def test_limits_below_one_are_refused(calls, rows):
-    with pytest.raises(ValueError, match="must be >= 1"):
-        Coalescer(lambda rows: None, calls, rows)
+@pytest.mark.parametrize("calls,rows,window_s", [(0, 8, 0.0), (1, 0, 0.0), (-1, 8, 0.01), (1, 8, -0.01)])
+def test_bad_limits_are_refused(calls, rows, window_s):
+    with pytest.raises(ValueError, match="need max_calls >= 0"):
+        Coalescer(lambda rows: None, calls, rows, window_s=window_s)
+
+
+def test_window_holds_requests_while_a_call_is_out_and_sends_them_together():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=0, max_rows=3, window_s=0.05)
+        first = asyncio.create_task(co.submit(["x"]))  # nothing out: leaves at once
+        await settle()
+        assert model.calls == [["x"]]
+        a, b = asyncio.create_task(co.submit(["a"])), asyncio.create_task(co.submit(["b"]))
+        await settle()
+        assert len(model.calls) == 1  # a call is out: they wait for the window
+        await asyncio.sleep(0.08)
+        assert model.calls[1] == ["a", "b"]  # no limit on calls out: they left while the first is still out
+        c, d = asyncio.create_task(co.submit(["c", "d"])), asyncio.create_task(co.submit(["e"]))
+        await settle()
+        assert model.calls[2] == ["c", "d", "e"]  # max_rows reached: no need to wait for the window
+        for i in (1, 0, 2):
+            model.answer(i)
+        assert (await a, await b, await first) == ([("done", "a")], [("done", "b")], [("done", "x")])
+        assert (await c, await d) == ([("done", "c"), ("done", "d")], [("done", "e")])
+        assert co.out == 0 and co._timer is None
+    run(main())
+
+
+def test_window_ends_early_when_the_last_call_returns():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=0, max_rows=8, window_s=10.0)
+        first = asyncio.create_task(co.submit(["x"]))
+        await settle()
+        a = asyncio.create_task(co.submit(["a"]))
+        await settle()
+        model.answer(0)  # nothing out any more: the waiting request leaves now, not after 10 s
+        await first
+        await settle()
+        assert model.calls[1] == ["a"]
+        model.answer(1)
+        assert await a == [("done", "a")]
+    run(main())
