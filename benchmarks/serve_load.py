@@ -13,11 +13,12 @@ One local Ray Serve instance, every Ray port on 127.0.0.1 (serving.app.start_loc
                model per adapter id, @serve.batch (split by Ray per model id), adapter in the
                serve_multiplexed_model_id header; the same replicas and threads as polyhead; through Serve's
                proxy, as Ray's guide serves it (the proxy routes each model id to a replica that has it)
-and afterwards, with Ray stopped:
+and, right after polyhead's run at each level (its apps idle, so that the machine's drift over the run
+cannot tell the two apart):
   engine       serving.Engine.infer in this process, with a torch thread per core, on the same texts
-               (tokenization included), at 1 row and at the rows polyhead had in its batches at each level
-               (mean batch size x mean replicas computing: one engine doing all the work; rows/s = batch /
-               time per call)
+               (tokenization included), at the rows polyhead had in its batches at that level (mean batch
+               size x mean replicas computing: one engine doing all the work; 1 row at concurrency 1;
+               rows/s = batch / time per call)
 
 Ray runs as `polyhead serve` runs it, with Serve's direct ingress (serving.app.start_local_ray): floor and
 polyhead are loaded on their ingress replicas' own ports; --proxy runs every app through Serve's proxy (no
@@ -244,6 +245,21 @@ def engine_rows(engine, texts, adapters, batch: int, seconds: float, seed: int) 
     return {"batch": batch, "calls": len(times), "median_call_ms": med * 1000, "rows_per_s": batch / med}
 
 
+def engine_at(engine, level: dict, texts, names, args) -> dict | None:
+    """The in-process reference for a polyhead level, measured right after it: Engine.infer at the rows its
+    replicas had in batches together (engine_batch)."""
+    if not good(level) or not level.get("mean_batch_size"):
+        return None
+    b = engine_batch(level, args.replicas)
+    try:
+        e = engine_rows(engine, texts, names, b, min(3.0, args.duration), seed=b)
+    except Exception as exc:  # noqa: BLE001
+        e = {"batch": b, "error": f"{type(exc).__name__}: {exc}"}
+    print(f"      engine @batch {b}: " + (f"{e['rows_per_s']:.0f} rows/s, {e['median_call_ms']:.1f} ms per call"
+                                          if good(e) else e["error"]), flush=True)
+    return e
+
+
 # saturation, targets --------------------------------------------------------------------------
 
 def good(r) -> bool:
@@ -280,15 +296,14 @@ def evaluate_targets(runs: list[dict], factor: int) -> list[dict]:
 
     for run in runs:
         tok, lv = run["tokens"], {x["concurrency"]: x for x in run["levels"]}
-        one, eng = lv.get(1, {}), run.get("engine", {})
-        if good(one.get("polyhead")) and good(one.get("floor")) and good(eng.get("1")):
-            bound = one["floor"]["p50_ms"] + eng["1"]["median_call_ms"] + 3
+        one = lv.get(1, {})
+        if good(one.get("polyhead")) and good(one.get("floor")) and good(one.get("engine")):
+            bound = one["floor"]["p50_ms"] + one["engine"]["median_call_ms"] + 3
             add(tok, "p50 at concurrency 1 <= floor p50 + engine (1 row) + 3 ms", one["polyhead"]["p50_ms"], "ms",
                 bound, one["polyhead"]["p50_ms"] <= bound)
         sat = run["saturation"].get("polyhead")
         if sat and good(lv[sat["concurrency"]]["polyhead"]):
-            at = lv[sat["concurrency"]]["polyhead"]
-            e = eng.get(str(engine_batch(at, run.get("replicas", 1)))) if at.get("mean_batch_size") else None
+            e = lv[sat["concurrency"]].get("engine")
             if good(e):
                 ratio = sat["ok_per_s"] / e["rows_per_s"]
                 add(tok, f"req/s at saturation >= 0.7x Engine.infer at batch {e['batch']} (128-token target)",
@@ -331,8 +346,7 @@ def level_table(run: dict) -> str:
                 msg = " ".join(r["error"].split())[:80].replace("|", "/")
                 lines.append(f"| {lv['concurrency']} | {app} | error: {msg} |" + " |" * 13)
                 continue
-            eng = run.get("engine", {}).get(str(engine_batch(r, run.get("replicas", 1)))) \
-                if app in SCRAPED and r.get("mean_batch_size") else None
+            eng = lv.get("engine") if app == "polyhead" else None
             eng_s = f"{eng['rows_per_s']:.0f} @{eng['batch']}" if good(eng) else "-"
             lines.append(
                 f"| {lv['concurrency']} | {app} | {r['req_per_s']:.1f} | {r['ok_per_s']:.1f} | {fmt(r['p50_ms'])} | "
@@ -498,6 +512,11 @@ def main(argv=None) -> None:
                                     targets=TARGETS, head="SEQ_CLS", num_labels=2))
                 for i, name in enumerate(names)}
         print(f"made {N_ADAPTERS} adapters in {time.perf_counter() - t0:.1f} s; client: {client}", flush=True)
+        if args.no_engine:
+            engine = None
+        else:
+            for name in names:
+                engine.load_adapter(name, dirs[name])
 
         cfg = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                "max_ongoing_requests": max(64, args.max_batch_size), "max_queued_requests": 256,
@@ -560,26 +579,10 @@ def main(argv=None) -> None:
             print(f"apps {apps} ready and warm after {time.perf_counter() - t0:.1f} s", flush=True)
             for n in token_lengths:
                 report["runs"].append(sweep(urls, apps, overload_apps, levels, texts[n], names, n, args, load,
-                                            push_s, tmp))
+                                            push_s, tmp, engine))
         finally:
             serve.shutdown()
             ray.shutdown()
-
-        if not args.no_engine:
-            time.sleep(3)  # Ray's processes exit
-            for name in names:
-                engine.load_adapter(name, dirs[name])
-            for run in report["runs"]:
-                sizes = {1} | {engine_batch(lv["polyhead"], args.replicas) for lv in run["levels"]
-                               if good(lv.get("polyhead")) and lv["polyhead"].get("mean_batch_size")}
-                run["engine"] = {}
-                for b in sorted(sizes):
-                    try:
-                        e = engine_rows(engine, texts[run["tokens"]], names, b, min(3.0, args.duration), seed=b)
-                    except Exception as exc:  # noqa: BLE001
-                        e = {"batch": b, "error": f"{type(exc).__name__}: {exc}"}
-                    run["engine"][str(b)] = e
-                    print(f"  engine {run['tokens']} tokens @batch {b}: {e}", flush=True)
 
         report["targets"] = evaluate_targets(report["runs"], args.overload_factor)
         report["total_seconds"] = time.perf_counter() - t0
@@ -612,8 +615,9 @@ def warm(url: str, app: str, names: list[str], texts: list[str]) -> None:
                 raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
 
 
-def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp) -> dict:
-    """Every level for every app at one input length, then the overload runs; urls: app -> where it is loaded."""
+def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp, engine=None) -> dict:
+    """Every level for every app at one input length, then the overload runs; urls: app -> where it is loaded.
+    With an engine, each level also gets the in-process reference at polyhead's rows (engine_at)."""
     run = {"tokens": tokens, "replicas": args.replicas, "levels": [], "saturation": {}, "overload": {}}
     for app in apps:
         warm(urls[app], app, names[:4], texts)
@@ -622,6 +626,8 @@ def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, p
         lv = {"concurrency": conc}
         for app in apps:
             lv[app] = measure(urls[app], app, conc, texts, names, tokens, args.duration, load, push_s, tmp, args.replicas)
+            if app == "polyhead" and engine is not None:
+                lv["engine"] = engine_at(engine, lv[app], texts, names, args)
         run["levels"].append(lv)
     for app in apps:
         run["saturation"][app] = saturation(run["levels"], app)

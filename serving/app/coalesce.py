@@ -26,15 +26,16 @@ class _Waiting:
 
 class Coalescer:
     def __init__(self, send: Callable[[list], Any], max_calls: int, max_rows: int,
-                 cancel: Callable[[Any], None] | None = None, window_s: float = 0.0):
+                 cancel: Callable[[Any], None] | None = None, window_s: float = 0.0, busy_calls: int = 1):
         """send(rows) starts one call and returns what to await for its results (one per row, in order);
-        cancel(call) gives up a started call. max_calls 0: no limit on calls out. window_s > 0: while a call
-        is out, a request waits up to window_s for others to share its call (max_rows of them leave at once)."""
-        if max_calls < 0 or max_rows < 1 or window_s < 0 or not (max_calls or window_s):
-            raise ValueError(f"need max_calls >= 0, max_rows >= 1, window_s >= 0 and max_calls or window_s set, "
-                             f"got {max_calls}, {max_rows} and {window_s}")
+        cancel(call) gives up a started call. max_calls 0: no limit on calls out. window_s > 0: while at least
+        busy_calls calls are out (the model's replicas are all busy), a request waits up to window_s for others
+        to share its call (max_rows of them leave at once)."""
+        if max_calls < 0 or max_rows < 1 or window_s < 0 or busy_calls < 1 or not (max_calls or window_s):
+            raise ValueError(f"need max_calls >= 0, max_rows >= 1, window_s >= 0, busy_calls >= 1 and max_calls or "
+                             f"window_s set, got {max_calls}, {max_rows}, {window_s} and {busy_calls}")
         self._send, self._cancel = send, cancel
-        self.max_calls, self.max_rows, self.window_s = max_calls, max_rows, window_s
+        self.max_calls, self.max_rows, self.window_s, self.busy_calls = max_calls, max_rows, window_s, busy_calls
         self._queue: deque[_Waiting] = deque()
         self._queued_rows = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -50,10 +51,11 @@ class Coalescer:
         return await waiting.future
 
     def _schedule(self) -> None:
-        """Start calls now, or once the window has passed (while a call is out and fewer than max_rows wait)."""
+        """Start calls now, or once the window has passed (while busy_calls calls are out and fewer than max_rows
+        rows wait)."""
         if not self._queue or (self.max_calls and self.out >= self.max_calls):
             return  # a returning call starts the next ones
-        if self.window_s and self.out and self._queued_rows < self.max_rows:
+        if self.window_s and self.out >= self.busy_calls and self._queued_rows < self.max_rows:
             if self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self.window_s, self._window_ends)
             return

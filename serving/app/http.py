@@ -169,8 +169,8 @@ class Ingress:
         self.admission = Admission(self.cfg.max_pending_rows, self.cfg.retry_after_s, self.cfg.max_retry_after_s)
         self.gate_config = self._gate_config()
         calls, window_s = self.cfg.max_model_calls, self.cfg.coalesce_window_ms / 1000
-        self.coalescer = (Coalescer(self._send_rows, calls, self.cfg.max_batch_size, _cancel, window_s)
-                          if calls or window_s else None)
+        self.coalescer = (Coalescer(self._send_rows, calls, self.cfg.max_batch_size, _cancel, window_s,
+                                    busy_calls=self.cfg.num_replicas) if calls or window_s else None)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config of this deployment, given to every Ingress replica (and again on each change):

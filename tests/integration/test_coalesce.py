@@ -230,3 +230,24 @@ def test_window_ends_early_when_the_last_call_returns():
         model.answer(1)
         assert await a == [("done", "a")]
     run(main())
+
+
+def test_window_waits_only_while_busy_calls_are_out():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=0, max_rows=8, window_s=10.0, busy_calls=2)
+        first = asyncio.create_task(co.submit(["x"]))
+        await settle()
+        second = asyncio.create_task(co.submit(["y"]))  # one call out, two replicas: one is idle, no wait
+        await settle()
+        assert model.calls == [["x"], ["y"]]
+        third = asyncio.create_task(co.submit(["z"]))  # two out: it waits
+        await settle()
+        assert len(model.calls) == 2
+        model.answer(0)  # one out again: it leaves now
+        await settle()
+        assert model.calls[2] == ["z"]
+        model.answer(1)
+        model.answer(2)
+        assert (await first, await second, await third) == ([("done", "x")], [("done", "y")], [("done", "z")])
+    run(main())
