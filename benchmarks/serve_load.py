@@ -99,6 +99,9 @@ def floor_app(config: dict):
                       max_queued_requests=config["max_queued_requests"], ray_actor_options={"num_cpus": 0.1})
     class StubModel:
         def __init__(self, max_batch_size: int, wait_s: float):
+            # answers as large as the real model's: distinct floats cost what real ones do to pickle and to
+            # write as JSON (a list of one repeated 0.0 pickles as one memo entry and prints as "0.0")
+            self.embedding = [random.Random(i).uniform(-0.2, 0.2) for i in range(hidden)]
             self._batch.set_max_batch_size(max_batch_size)
             self._batch.set_batch_wait_timeout_s(wait_s)
             self.n = {"batches": 0, "rows": 0, "adapters": 0}
@@ -133,9 +136,9 @@ def floor_app(config: dict):
             for r in rows:
                 item = dict(info, task="seq_cls", labels=["LABEL_0", "LABEL_1"])
                 if r.get("need") == "embedding":
-                    item["embedding"] = [0.0] * hidden
+                    item["embedding"] = list(self.embedding)  # its own list, as each real row has
                 else:
-                    item["logits"] = [0.0, 0.0]
+                    item["logits"] = [0.8123456789, -0.6123456789]
                 out.append(item)
             return out
 
