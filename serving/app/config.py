@@ -43,13 +43,13 @@ class ServeConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1)  # requests (each one call with all its rows) in a model replica
     # admission control, per ingress replica: while it has this many rows at the model, a new request is refused
     # at once, before its body is read, with 429 + Retry-After (under it a request is admitted whole).
-    # 2 x max_batch_size keeps one batch waiting behind the one computing; raise it with the number of model
-    # replicas per ingress replica.
-    max_pending_rows: int = Field(64, ge=1)
+    # None: 2 x max_batch_size x num_replicas (pending_rows_limit), one batch computing and one waiting in each
+    # model replica; with several ingress replicas each has this limit.
+    max_pending_rows: int | None = Field(None, ge=1)
     # the front gate (serving/app/gate.py) in each HTTP server in front of the ingress (a direct-ingress
     # replica's own, each node's Ray proxy): inference requests one of them lets through to this app at a
-    # time; beyond it, 429 + Retry-After before any Ray work. None: as many as max_pending_rows (one request
-    # is at least one row); 0: no gate. Behind proxies in a cluster, about max_pending_rows x ingress
+    # time; beyond it, 429 + Retry-After before any Ray work. None: pending_rows_limit() (one request is at
+    # least one row); 0: no gate. Behind proxies in a cluster, about max_pending_rows x ingress
     # replicas / proxies.
     gate_max_requests: int | None = Field(None, ge=0)
     # requests waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
@@ -158,6 +158,12 @@ class ServeConfig(BaseModel):
         if self.model_name:
             return self.model_name
         return DEFAULT_MODEL_NAME if self.base_dir is None else Path(self.base_dir).name
+
+    def pending_rows_limit(self) -> int:
+        """max_pending_rows, or its default for this many model replicas."""
+        if self.max_pending_rows is not None:
+            return self.max_pending_rows
+        return 2 * self.max_batch_size * self.num_replicas
 
     def replica_cpus(self) -> float:
         return self.num_threads if self.num_cpus is None else self.num_cpus

@@ -166,7 +166,7 @@ class Ingress:
         self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
         self.metrics = Recorder(INGRESS_SERIES)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
-        self.admission = Admission(self.cfg.max_pending_rows, self.cfg.retry_after_s, self.cfg.max_retry_after_s)
+        self.admission = Admission(self.cfg.pending_rows_limit(), self.cfg.retry_after_s, self.cfg.max_retry_after_s)
         self.gate_config = self._gate_config()
         calls, window_s = self.cfg.max_model_calls, self.cfg.coalesce_window_ms / 1000
         self.coalescer = (Coalescer(self._send_rows, calls, self.cfg.max_batch_size, _cancel, window_s,
@@ -196,7 +196,7 @@ class Ingress:
         except Exception:  # noqa: BLE001 - not in a Serve replica: no proxy in front
             return None
         limit = self.cfg.gate_max_requests
-        return admission_header(app_name, self.cfg.max_pending_rows if limit is None else limit,
+        return admission_header(app_name, self.cfg.pending_rows_limit() if limit is None else limit,
                                 self.cfg.retry_after_s, self.cfg.max_retry_after_s, self.cfg.metrics_push_s)
 
     def _retry(self) -> dict:

@@ -61,6 +61,10 @@ def test_config_defaults_and_derived_values():
     assert cfg.resolved_model_name() == "all-MiniLM-L6-v2" and Path(cfg.resolved_base_dir()).is_dir()
     assert cfg.replica_cpus() == cfg.num_threads
     assert ServeConfig(adapters={"a": "/x"}).adapters["a"].path == "/x"
+    # admission follows the model replicas unless set: one batch computing and one waiting in each
+    assert cfg.max_pending_rows is None and cfg.pending_rows_limit() == 2 * 32 * 1
+    assert ServeConfig(num_replicas=4, max_batch_size=16).pending_rows_limit() == 128
+    assert ServeConfig(num_replicas=4, max_pending_rows=10).pending_rows_limit() == 10
 
 
 def test_build_app_gives_the_model_deployment_its_replicas_and_resources():
@@ -416,7 +420,7 @@ async def asyncio_sleep_forever():
 def _ready_ingress(answer):
     ingress = _ingress(None)
     ingress.cfg = ServeConfig(ready_timeout_s=0.2)
-    ingress.admission = Admission(ingress.cfg.max_pending_rows, ingress.cfg.retry_after_s,
+    ingress.admission = Admission(ingress.cfg.pending_rows_limit(), ingress.cfg.retry_after_s,
                                   ingress.cfg.max_retry_after_s)
     ingress._info, ingress.shutting_down, ingress.drain_requested = None, False, False
     ingress.model = SimpleNamespace(info=SimpleNamespace(remote=lambda: answer))
