@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+MIN_PENDING_ROWS = 64  # the default max_pending_rows is never below this
 
 
 class AdapterSource(BaseModel):
@@ -43,8 +44,8 @@ class ServeConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1)  # requests (each one call with all its rows) in a model replica
     # admission control, per ingress replica: while it has this many rows at the model, a new request is refused
     # at once, before its body is read, with 429 + Retry-After (under it a request is admitted whole).
-    # None: 2 x max_batch_size x num_replicas (pending_rows_limit), one batch computing and one waiting in each
-    # model replica; with several ingress replicas each has this limit.
+    # None: 2 x max_batch_size x num_replicas, one batch computing and one waiting in each model replica, and at
+    # least 64 (pending_rows_limit); with several ingress replicas each has this limit.
     max_pending_rows: int | None = Field(None, ge=1)
     # the front gate (serving/app/gate.py) in each HTTP server in front of the ingress (a direct-ingress
     # replica's own, each node's Ray proxy): inference requests one of them lets through to this app at a
@@ -163,7 +164,7 @@ class ServeConfig(BaseModel):
         """max_pending_rows, or its default for this many model replicas."""
         if self.max_pending_rows is not None:
             return self.max_pending_rows
-        return 2 * self.max_batch_size * self.num_replicas
+        return max(MIN_PENDING_ROWS, 2 * self.max_batch_size * self.num_replicas)
 
     def replica_cpus(self) -> float:
         return self.num_threads if self.num_cpus is None else self.num_cpus

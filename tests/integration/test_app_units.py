@@ -64,6 +64,7 @@ def test_config_defaults_and_derived_values():
     # admission follows the model replicas unless set: one batch computing and one waiting in each
     assert cfg.max_pending_rows is None and cfg.pending_rows_limit() == 2 * 32 * 1
     assert ServeConfig(num_replicas=4, max_batch_size=16).pending_rows_limit() == 128
+    assert ServeConfig(num_replicas=2, max_batch_size=8).pending_rows_limit() == 64  # never below 64
     assert ServeConfig(num_replicas=4, max_pending_rows=10).pending_rows_limit() == 10
 
 
