@@ -437,6 +437,25 @@ def test_a_version_published_into_the_store_elsewhere_is_picked_up(client, engin
         assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
 
 
+def test_serve_replicas_run_throughput_optimized_and_this_process_does_not(server, client):
+    """start_local_ray gives Ray's workers RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code and routing on the
+    replica's own event loop, gRPC between deployments), not the driver: its synchronous handle calls need
+    the router's own loop."""
+    import os
+    from pathlib import Path
+
+    from ray import serve
+
+    assert os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") is None
+    assert serve.get_deployment_handle("ModelServer", "polyhead").info.remote().result()["model_name"]
+    replicas = [p for p in Path("/proc").iterdir() if p.name.isdigit() and
+                "ServeReplica:polyhead:" in _read(p / "cmdline")]
+    assert len(replicas) >= 2, "no Ingress and ModelServer replica processes found"
+    for proc in replicas:
+        env = (proc / "environ").read_bytes().split(b"\0")
+        assert b"RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in env, _read(proc / "cmdline")
+
+
 def test_ray_workers_run_at_nice_0_and_the_engine_thread_below_them(server, client):
     """start_local_ray keeps Ray's workers at nice 0 (Ray's own default is 15); the model replica's engine
     thread lowers itself by engine_nice (10), so the HTTP side wins the CPU over a forward."""
