@@ -69,7 +69,7 @@ def start_local_ray(num_cpus: int, direct_ingress_ports: range | None = None, **
 
     Ray's workers (Serve's controller, proxy and replicas; not this process) run with Ray Serve's
     RAY_SERVE_THROUGHPUT_OPTIMIZED=1 unless this process's environment sets it: each replica runs its
-    user code and its handles' router on its own event loop instead of one thread each, and deployments call
+    user code and its handles' router on its main event loop instead of a thread each, and deployments call
     each other over gRPC (serve_load, 32 tokens, 2 cores, runs alternating with the default: concurrency-1
     p50 17.9-19.6 vs 20.7-22.1 ms, 275-310 vs 226-272 req/s at concurrency 32). Not in this process: a
     handle used from synchronous code (make serve, tests, benchmarks) needs the router's own loop.
