@@ -31,6 +31,12 @@ class SlowModel:
     def crash(self) -> None:
         os._exit(1)
 
+    async def list_adapters(self) -> list:
+        return []
+
+    async def infer_rows(self, rows: list[dict]) -> list[dict]:  # dies while a request waits for it
+        os._exit(1)
+
 
 @pytest.fixture(scope="module")
 def slow_app(proxy):
@@ -59,3 +65,19 @@ def test_ready_is_503_not_ready_while_the_model_replica_loads_then_200(slow_app)
         time.sleep(0.2)
     assert (503, "not_ready") in answers and answers[-1] == (200, None), answers
     assert set(answers) <= {(200, None), (503, "not_ready"), (503, "unavailable")}, answers
+
+
+def test_a_model_replica_dying_under_a_request_answers_503_json_then_serves_again(slow_app):
+    """The replica's process dies while the ingress waits for its answer (Ray Serve's gRPC transport between
+    deployments, RAY_SERVE_THROUGHPUT_OPTIMIZED): a 503 with the JSON error body and Retry-After, never a 500;
+    Serve restarts the replica and /ready answers 200 again."""
+    deadline = time.monotonic() + 90
+    while httpx.get(slow_app + "/ready", timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, "not ready"
+        time.sleep(0.2)
+    r = httpx.post(slow_app + "/v1/embeddings", json={"model": "slow", "input": "hello"}, timeout=60)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "unavailable", r.text
+    while httpx.get(slow_app + "/ready", timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, "not ready again after the restart"
+        time.sleep(0.2)
