@@ -67,7 +67,7 @@ class ServeConfig(BaseModel):
     # while this ingress replica has a ModelServer call out per model replica (they are all busy), a request
     # waits here up to this long for others to share its call (serving/app/coalesce.py); otherwise it leaves at
     # once. 0: no window. Measured on 2 CPU cores (benchmarks/serve_ab.py, 128 tokens, 4 alternating rounds):
-    # 6 ms served 1.36x the requests at concurrency 32 (every round 1.14-1.46x), 1.07x at 8, with lower p50.
+    # 6 ms served 1.21x the requests at concurrency 32 (every round 1.11-1.26x), 1.05x at 8, with lower p50.
     coalesce_window_ms: float = Field(6.0, ge=0, le=1000)
     retry_after_s: int = Field(1, ge=0, le=3600)  # Retry-After of 503 (not ready, draining); the least for 429
     # a 429's Retry-After: the time the model needs for the rows admitted plus the clients refused lately, at
