@@ -446,14 +446,16 @@ def test_serve_replicas_run_throughput_optimized_and_this_process_does_not(serve
 
     from ray import serve
 
-    assert os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") is None
+    from serving.app import THROUGHPUT_OPTIMIZED
+
+    assert os.environ.get(THROUGHPUT_OPTIMIZED) is None  # start_local_ray put it in the workers' env only
     assert serve.get_deployment_handle("ModelServer", "polyhead").info.remote().result()["model_name"]
     replicas = [p for p in Path("/proc").iterdir() if p.name.isdigit() and
                 "ServeReplica:polyhead:" in _read(p / "cmdline")]
     assert len(replicas) >= 2, "no Ingress and ModelServer replica processes found"
     for proc in replicas:
         env = (proc / "environ").read_bytes().split(b"\0")
-        assert b"RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in env, _read(proc / "cmdline")
+        assert f"{THROUGHPUT_OPTIMIZED}=1".encode() in env, _read(proc / "cmdline")
 
 
 def test_ray_workers_run_at_nice_0_and_the_engine_thread_below_them(server, client):
