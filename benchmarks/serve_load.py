@@ -91,9 +91,16 @@ def floor_app(config: dict):
 
     from ray import serve
 
+    from transformers import AutoTokenizer
+
+    from serving.app.config import load_config
     from serving.app.http import Ingress
+    from serving.app.tokens import probe_encodings
 
     hidden = 384
+    # the real model's answer to the ingress's tokenizer check (serving/app/tokens.py): the same ingress as polyhead's
+    probes = probe_encodings(AutoTokenizer.from_pretrained(str(load_config(None).resolved_base_dir()),
+                                                           local_files_only=True))
 
     @serve.deployment(max_ongoing_requests=config["max_ongoing_requests"],
                       max_queued_requests=config["max_queued_requests"], ray_actor_options={"num_cpus": 0.1})
@@ -108,7 +115,7 @@ def floor_app(config: dict):
 
         def info(self) -> dict:
             return {"model_name": "stub", "max_tokens": 512, "hidden_size": hidden, "vocab_size": 30522,
-                    "causal": False, "draining": False}
+                    "causal": False, "draining": False, "probes": probes}
 
         def counts(self) -> dict:
             return dict(self.n)

@@ -35,6 +35,7 @@ from .config import ServeConfig
 from .hub import MetricsPusher
 from .metrics import MODEL_SERIES, Recorder
 from .routing import Registry, Resolved, Source
+from .tokens import probe_encodings
 
 NEED_TASKS = {"seq": ("seq_cls", "multilabel"), "token": ("token_cls",), "embedding": None}
 
@@ -63,6 +64,8 @@ class ModelServer:
         # (spinning, or merely there) slowed the forward by 20-80 % in a Serve replica.
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyhead-engine")
         self.engine = self._engine_thread.submit(self._build_engine, cfg).result()
+        # how the engine's (transformers) tokenizer encodes PROBES: the ingress checks its own against them
+        self.probes = probe_encodings(self.engine.tokenizer) if self.engine.tokenizer is not None else None
         if cfg.store_root is None:  # registrations of this replica only, deleted with it
             self._tmp_store = tempfile.TemporaryDirectory(prefix="polyhead-store-")
             store = AdapterStore(self._tmp_store.name)
@@ -329,7 +332,7 @@ class ModelServer:
         return {"model_name": self.cfg.resolved_model_name(), "max_tokens": eng.max_tokens,
                 "hidden_size": eng.schema.hidden_size, "vocab_size": eng.schema.vocab_size, "causal": eng.causal,
                 "dtype": str(eng.dtype).removeprefix("torch."),
-                "draining": self.draining}
+                "draining": self.draining, "probes": self.probes}
 
     async def stats(self) -> dict:
         stats = await self._on_engine(self.engine.stats)  # takes the engine lock: off the event loop

@@ -38,6 +38,7 @@ from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label
 from .routing import UnknownModel, resolve_model
 from .tagging import merge_entities
+from .tokens import TextEncoder
 
 ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
     "adapter_not_found": (404, "not_found_error"),
@@ -155,11 +156,9 @@ def _cancel(response) -> None:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, model, config: dict):
-        from transformers import AutoTokenizer
-
         self.cfg = ServeConfig(**config)
         self.model = model
-        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.resolved_base_dir(), local_files_only=True)
+        self.encoder = TextEncoder(self.cfg.resolved_base_dir())  # checked against the model's on its first info()
         self.base_name = self.cfg.resolved_model_name()
         self._info: dict | None = None  # ModelServer.info(), once it answered
         self.shutting_down = False  # Serve stops this replica (__del__)
@@ -267,6 +266,10 @@ class Ingress:
             raise self._overloaded() from None
         except UNAVAILABLE as exc:
             raise self._unavailable(exc) from None
+        if not self.encoder.checked:
+            why = self.encoder.check(info.get("probes"))
+            if why is not None:
+                print(f"polyhead ingress: tokenizing with transformers, as the model does: {why}", flush=True)
         self._info = info
         return info
 
@@ -328,7 +331,7 @@ class Ingress:
         for i, text in enumerate(texts):
             if not text:
                 raise ApiError(422, f"input {i} is an empty string", "empty_input")
-            enc = self.tokenizer(text, add_special_tokens=True, truncation=False, return_offsets_mapping=offsets)
+            enc = self.encoder.encode(text, offsets)
             self._check_tokens(enc["input_ids"], i, max_tokens)
             out.append(enc)
         return out

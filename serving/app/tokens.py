@@ -1,0 +1,98 @@
+"""The ingress's tokenizer: the base model's `tokenizer.json` through the `tokenizers` library, without torch.
+
+transformers' AutoTokenizer imports torch, about 250 MB of every ingress replica's memory that nothing else there
+needs. The ingress therefore reads `tokenizer.json` itself, with the truncation and padding that the file may
+carry turned off (sentence-transformers exports such as the bundled MiniLM set both to 128 tokens: inputs would
+be cut silently instead of refused with 413), as transformers does per call.
+
+transformers can also change a tokenizer after loading it (tokenizer_config.json's add_bos_token/add_eos_token,
+lower-casing, added tokens), so the file alone is not trusted: the model replica, which tokenizes with
+transformers, answers the encodings of PROBES in its info(), and the ingress compares them with its own before
+it encodes any request (`TextEncoder.check`). On any difference, or without a tokenizer.json, the ingress uses
+transformers' tokenizer as the model does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PROBES = (
+    "Hello, world!",
+    "the cat sat on the mat",
+    "Ada Lovelace lived in London.",
+    "  leading and trailing   spaces  ",
+    "Ünïcödé àccents, ß and ﬁ ligatures",
+    "中文字符 and 日本語のテキスト",
+    "emoji 🙂👍🏽 and symbols ©®™ ±×÷",
+    "UPPER lower MiXeD 123 4.56 7,890",
+    "tabs\tand\nnew\r\nlines",
+    "antidisestablishmentarianism supercalifragilisticexpialidocious",
+)
+
+
+def probe_encodings(tokenizer) -> list[dict]:
+    """PROBES encoded by a transformers tokenizer, as the model replica answers them: ids and offsets."""
+    out = []
+    for text in PROBES:
+        enc = tokenizer(text, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+        out.append({"ids": list(enc["input_ids"]), "offsets": [list(o) for o in enc["offset_mapping"]]})
+    return out
+
+
+class TextEncoder:
+    """encode(text, offsets) -> {"input_ids": [...], "offset_mapping": [(start, end), ...] (when asked)}."""
+
+    def __init__(self, base_dir: str | Path):
+        self.base_dir = Path(base_dir)
+        self._fast = None  # tokenizers.Tokenizer, or None: transformers
+        self._transformers = None
+        self.checked = False
+        path = self.base_dir / "tokenizer.json"
+        if path.is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+            tok.no_truncation()
+            tok.no_padding()
+            self._fast = tok
+        else:
+            self._use_transformers()
+
+    @property
+    def backend(self) -> str:
+        return "tokenizers" if self._fast is not None else "transformers"
+
+    def _use_transformers(self) -> None:
+        from transformers import AutoTokenizer
+
+        self._fast = None
+        self._transformers = AutoTokenizer.from_pretrained(str(self.base_dir), local_files_only=True)
+
+    def encode(self, text: str, offsets: bool = False) -> dict:
+        if self._fast is None:
+            return self._transformers(text, add_special_tokens=True, truncation=False, return_offsets_mapping=offsets)
+        enc = self._fast.encode(text, add_special_tokens=True)
+        out = {"input_ids": enc.ids}
+        if offsets:
+            out["offset_mapping"] = enc.offsets
+        return out
+
+    def check(self, expected: list[dict] | None) -> str | None:
+        """Compare the PROBES' encodings with the model's (its info()["probes"]); on a difference switch to
+        transformers. Returns a description of the first difference, or None. Once per encoder."""
+        if self.checked or self._fast is None:
+            self.checked = True
+            return None
+        self.checked = True
+        if expected is None or len(expected) != len(PROBES):
+            why = "the model replica sent no probe encodings"
+        else:
+            why = None
+            for text, want in zip(PROBES, expected):
+                got = self.encode(text, offsets=True)
+                if list(got["input_ids"]) != want["ids"] or [list(o) for o in got["offset_mapping"]] != want["offsets"]:
+                    why = f"tokenizer.json encodes {json.dumps(text)} differently from the model's tokenizer"
+                    break
+        if why is not None:
+            self._use_transformers()
+        return why
