@@ -47,8 +47,9 @@ class TextEncoder:
         self._fast = None  # tokenizers.Tokenizer, or None: transformers
         self._transformers = None
         self.checked = False
+        self.fallback_reason: str | None = None  # why the ingress tokenizes with transformers, if it does
         path = self.base_dir / "tokenizer.json"
-        if path.is_file():
+        if path.is_file():  # transformers reads it with the same library: one it cannot parse fails either way
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
@@ -56,6 +57,7 @@ class TextEncoder:
             tok.no_padding()
             self._fast = tok
         else:
+            self.fallback_reason = "the base model has no tokenizer.json"
             self._use_transformers()
 
     @property
@@ -94,5 +96,6 @@ class TextEncoder:
                     why = f"tokenizer.json encodes {json.dumps(text)} differently from the model's tokenizer"
                     break
         if why is not None:
+            self.fallback_reason = why
             self._use_transformers()
         return why

@@ -61,8 +61,9 @@ def test_without_tokenizer_json_the_ingress_uses_transformers(tmp_path, model_to
         if f.is_file() and f.name != "tokenizer.json" and f.suffix in (".json", ".txt"):
             shutil.copy(f, tmp_path / f.name)
     enc = TextEncoder(tmp_path)
-    assert enc.backend == "transformers"
+    assert enc.backend == "transformers" and "no tokenizer.json" in enc.fallback_reason
     assert list(enc.encode("the cat sat")["input_ids"]) == list(model_tokenizer("the cat sat")["input_ids"])
+    assert enc.check(None) is None  # nothing left to check: it tokenizes as the model does
 
 
 def test_the_ingress_module_and_its_tokenizer_do_not_import_torch():
