@@ -85,22 +85,16 @@ def make_texts(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
     return out
 
 
-def floor_app(config: dict):
-    """The polyhead Ingress on a stub ModelServer that answers every row of a batch at once."""
+def floor_app(config: dict, probes: list[dict]):
+    """The polyhead Ingress on a stub ModelServer that answers every row of a batch at once. probes: the real
+    model's answer to the ingress's tokenizer check (serving/app/tokens.py), so the floor has polyhead's ingress."""
     import asyncio
 
     from ray import serve
 
-    from transformers import AutoTokenizer
-
-    from serving.app.config import load_config
     from serving.app.http import Ingress
-    from serving.app.tokens import probe_encodings
 
     hidden = 384
-    # the real model's answer to the ingress's tokenizer check (serving/app/tokens.py): the same ingress as polyhead's
-    probes = probe_encodings(AutoTokenizer.from_pretrained(str(load_config(None).resolved_base_dir()),
-                                                           local_files_only=True))
 
     @serve.deployment(max_ongoing_requests=config["max_ongoing_requests"],
                       max_queued_requests=config["max_queued_requests"], ray_actor_options={"num_cpus": 0.1})
@@ -506,6 +500,7 @@ def main(argv=None) -> None:
 
     from serving import Engine
     from serving.app import build_app, direct_ingress_url, free_port, free_ports, load_config, start_local_ray
+    from serving.app.tokens import probe_encodings
     from tests.adapter_factory import make_lora
 
     t0 = time.perf_counter()
@@ -568,7 +563,7 @@ def main(argv=None) -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             builders = {
                 "polyhead": lambda: build_app(cfg),
-                "floor": lambda: floor_app(full.model_dump()),
+                "floor": lambda: floor_app(full.model_dump(), probe_encodings(tok)),
                 "multiplexed": lambda: multiplexed_app(
                     base, dirs, max_models=args.max_models, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_s, num_threads=args.threads, num_cpus=args.threads,

@@ -30,11 +30,16 @@ PROBES = (
 )
 
 
+def transformers_encode(tokenizer, text: str, offsets: bool = False):
+    """How the model (and the ingress without tokenizer.json) encodes a text with a transformers tokenizer."""
+    return tokenizer(text, add_special_tokens=True, truncation=False, return_offsets_mapping=offsets)
+
+
 def probe_encodings(tokenizer) -> list[dict]:
     """PROBES encoded by a transformers tokenizer, as the model replica answers them: ids and offsets."""
     out = []
     for text in PROBES:
-        enc = tokenizer(text, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+        enc = transformers_encode(tokenizer, text, offsets=True)
         out.append({"ids": list(enc["input_ids"]), "offsets": [list(o) for o in enc["offset_mapping"]]})
     return out
 
@@ -72,7 +77,7 @@ class TextEncoder:
 
     def encode(self, text: str, offsets: bool = False) -> dict:
         if self._fast is None:
-            return self._transformers(text, add_special_tokens=True, truncation=False, return_offsets_mapping=offsets)
+            return transformers_encode(self._transformers, text, offsets)
         enc = self._fast.encode(text, add_special_tokens=True)
         out = {"input_ids": enc.ids}
         if offsets:
@@ -82,10 +87,9 @@ class TextEncoder:
     def check(self, expected: list[dict] | None) -> str | None:
         """Compare the PROBES' encodings with the model's (its info()["probes"]); on a difference switch to
         transformers. Returns a description of the first difference, or None. Once per encoder."""
-        if self.checked or self._fast is None:
-            self.checked = True
+        was_checked, self.checked = self.checked, True
+        if was_checked or self._fast is None:
             return None
-        self.checked = True
         if expected is None or len(expected) != len(PROBES):
             why = "the model replica sent no probe encodings"
         else:

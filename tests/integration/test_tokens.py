@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from serving.app.config import load_config
-from serving.app.tokens import PROBES, TextEncoder, probe_encodings
+from serving.app.tokens import PROBES, TextEncoder, probe_encodings, transformers_encode
 
 BASE = Path(load_config(None).resolved_base_dir())
 TEXTS = list(PROBES) + [
@@ -31,7 +31,7 @@ def test_the_ingress_encodes_as_the_models_tokenizer_without_truncation_or_paddi
     enc = TextEncoder(BASE)
     assert enc.backend == "tokenizers"
     for text in TEXTS:
-        want = model_tokenizer(text, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+        want = transformers_encode(model_tokenizer, text, offsets=True)
         got = enc.encode(text, offsets=True)
         assert list(got["input_ids"]) == list(want["input_ids"]), text
         assert [tuple(o) for o in got["offset_mapping"]] == [tuple(o) for o in want["offset_mapping"]], text
@@ -46,7 +46,7 @@ def test_a_difference_from_the_models_probes_switches_the_ingress_to_transformer
     enc = TextEncoder(BASE)
     why = enc.check(probes)
     assert why is not None and json.dumps(PROBES[3]) in why and enc.backend == "transformers"
-    want = model_tokenizer("Ada Lovelace", add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+    want = transformers_encode(model_tokenizer, "Ada Lovelace", offsets=True)
     got = enc.encode("Ada Lovelace", offsets=True)
     assert list(got["input_ids"]) == list(want["input_ids"]) and list(got["offset_mapping"]) == list(
         want["offset_mapping"])
