@@ -40,6 +40,7 @@ import time
 from urllib.parse import quote, unquote
 
 from .admission import Admission
+from .backlog import AcceptHold
 
 GATED = {"/v1/classify": "classify", "/v1/tag": "tag", "/v1/embeddings": "embeddings"}  # path -> metrics route
 ADMISSION_HEADER = "x-polyhead-admission"
@@ -190,6 +191,10 @@ class Gate:
         scope = {**scope, "headers": headers + [(_GATED, b"1")]}
         adm.admit(1)
         try:
+            if gate.config is not None and gate.config["max"]:  # refusals possible: let a burst reach the gate
+                hold = AcceptHold.for_server(scope.get("server"))
+                if hold is not None:
+                    await hold.wait()
             await self.app(scope, receive, send_reading_admission)
         finally:
             adm.done(1, answered=200 <= status < 300)

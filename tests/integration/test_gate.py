@@ -208,3 +208,53 @@ def test_a_redeployed_app_with_another_limit_is_followed():
         await held
 
     asyncio.run(main())
+
+
+def test_admitted_requests_wait_while_connections_queue_so_a_burst_reaches_the_gate_first():
+    """Under uvloop a server accepts one connection per loop iteration: admitted requests' work would delay
+    the refusals still queued in the kernel (serving/app/backlog.py). With a limit known, the gate holds
+    admitted requests until this process's listener has nothing left to accept; refusals never wait."""
+    import socket
+
+    from serving.app.backlog import AcceptHold
+
+    async def call(gate, server):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await gate(dict(_scope("/v1/classify"), server=server), receive, send)
+        return sent[0]["status"]
+
+    async def main():
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(16)
+            server = lsock.getsockname()
+            app = App(admission_header("polyhead", 2, 1, 60, 1.0))
+            gate = Gate(app)
+            app.release.set()
+            assert await call(gate, server) == 200  # the app answers once: its limit (2) is known
+            app.release.clear()
+            clients = [socket.create_connection(server) for _ in range(3)]  # a burst still in the kernel's queue
+            admitted = [asyncio.create_task(call(gate, server)) for _ in range(2)]
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert app.calls == 1  # admitted (counted out) but held: the app has not seen them
+            assert await asyncio.wait_for(call(gate, server), 1.0) == 429  # the limit is out: refused meanwhile
+            for _ in range(3):
+                lsock.accept()[0].close()
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert app.calls == 3  # queue drained: passed on
+            app.release.set()
+            assert await asyncio.gather(*admitted) == [200, 200]
+            assert AcceptHold.for_server(server).holds == 2
+            for c in clients:
+                c.close()
+
+    asyncio.run(main())
