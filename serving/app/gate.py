@@ -17,6 +17,10 @@ machine) and the ingress replica's Ray machinery (~8 ms) before its handler can 
 overload refusals queue behind that work (serve_load, 32 tokens, 4x overload: shed p99 1.4 s without the
 gate, 0.2 s with it). Here a refusal costs the HTTP parse and one small response.
 
+A burst of new connections is gated at once: while connections wait in the kernel's accept queue, an
+admitted request waits before any of its work runs (serving/app/backlog.py: an event loop on libuv accepts
+one connection per iteration, and admitted work would make those iterations long).
+
 The gate learns each app from its own answers: the ingress puts ADMISSION_HEADER on every inference answer
 to a request that came through a gate (marked with GATED_HEADER, which the gate sets and a client cannot:
 the gate replaces it), with the app name, limit, Retry-After bounds and metrics push interval
