@@ -161,6 +161,7 @@ class Ingress:
         self.encoder = TextEncoder(self.cfg.resolved_base_dir())  # checked against the model's on its first info()
         self.base_name = self.cfg.resolved_model_name()
         self._info: dict | None = None  # ModelServer.info(), once it answered
+        self._encoder_check: asyncio.Future | None = None  # the encoder's check, off the event loop, once
         self.shutting_down = False  # Serve stops this replica (__del__)
         self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
         self.metrics = Recorder(INGRESS_SERIES)
@@ -266,12 +267,19 @@ class Ingress:
             raise self._overloaded() from None
         except UNAVAILABLE as exc:
             raise self._unavailable(exc) from None
-        if not self.encoder.checked:
-            why = self.encoder.check(info.get("probes"))
-            if why is not None:
-                print(f"polyhead ingress: tokenizing with transformers, as the model does: {why}", flush=True)
+        if self._encoder_check is None and not self.encoder.checked:
+            self._encoder_check = asyncio.ensure_future(self._check_encoder(info.get("probes")))
+        if self._encoder_check is not None and not self._encoder_check.done():
+            await asyncio.shield(self._encoder_check)  # every first request waits: none is encoded before it
         self._info = info
         return info
+
+    async def _check_encoder(self, probes: list[dict] | None) -> None:
+        """The encoder's check against the model's probe encodings, in a thread: a difference loads transformers'
+        tokenizer (seconds), which must not stop this replica's event loop (health checks, refusals)."""
+        why = await asyncio.to_thread(self.encoder.check, probes)
+        if why is not None:
+            print(f"polyhead ingress: tokenizing with transformers, as the model does: {why}", flush=True)
 
     async def _model_replicas(self) -> tuple[int, int] | None:
         """(running, all) replicas of the model deployment as Serve's controller reports them; None where it

@@ -72,8 +72,8 @@ class TextEncoder:
     def _use_transformers(self) -> None:
         from transformers import AutoTokenizer
 
-        self._fast = None
         self._transformers = AutoTokenizer.from_pretrained(str(self.base_dir), local_files_only=True)
+        self._fast = None  # only once the tokenizer it switches to is there
 
     def encode(self, text: str, offsets: bool = False) -> dict:
         if self._fast is None:

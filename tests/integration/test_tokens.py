@@ -73,3 +73,49 @@ def test_the_ingress_module_and_its_tokenizer_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_ingress_checks_its_encoder_off_the_event_loop_and_first_requests_wait_for_it(model_tokenizer):
+    """A difference loads transformers' tokenizer (seconds): the ingress's loop keeps running meanwhile, and no
+    request is encoded before the switch."""
+    import asyncio
+    import threading
+
+    from serving.app.http import Ingress
+
+    probes = probe_encodings(model_tokenizer)
+    probes[0]["ids"][1] += 1
+    loading = threading.Event()
+    release = threading.Event()
+
+    class SlowEncoder(TextEncoder):
+        def _use_transformers(self):
+            loading.set()
+            assert release.wait(10)
+            super()._use_transformers()
+
+    class Info:
+        def remote(self):
+            async def answer():
+                return {"probes": probes, "max_tokens": 512}
+            return answer()
+
+    ingress = object.__new__(Ingress.func_or_class)
+    ingress.model = type("Model", (), {"info": Info()})()
+    ingress.encoder, ingress._info, ingress._encoder_check = SlowEncoder(BASE), None, None
+
+    async def main():
+        first = [asyncio.create_task(ingress._model_info()) for _ in range(2)]
+        while not loading.is_set():
+            await asyncio.sleep(0.005)  # the loop runs while the check loads transformers in its thread
+        ticks = 0
+        for _ in range(5):
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 5 and not any(t.done() for t in first)  # both first requests wait for the switch
+        release.set()
+        infos = await asyncio.gather(*first)
+        assert all(i["max_tokens"] == 512 for i in infos) and ingress.encoder.backend == "transformers"
+        assert ingress.encoder.fallback_reason is not None
+
+    asyncio.run(main())
