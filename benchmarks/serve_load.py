@@ -2,8 +2,9 @@
 Ray's own many-models recipe, and does it shed (not collapse) under overload?
 
 One local Ray Serve instance, every Ray port on 127.0.0.1 (serving.app.start_local_ray), runs side by side:
-  floor        the same Ingress (FastAPI, tokenization, JSON) bound to a stub model whose @serve.batch method
-               returns at once: the cost of Ray Serve + the ingress alone
+  floor        the same Ingress (FastAPI, tokenization, JSON) bound to a stub model (as many replicas as
+               polyhead's model) whose @serve.batch method returns at once: the cost of Ray Serve + the
+               ingress alone
   polyhead     build_app(): Ingress -> ModelServer (--replicas replicas of --threads torch threads, each one
                Engine, batches mixing many adapters); default one replica per core, one thread each, as
                deploy/serve_config.yaml ships
@@ -112,7 +113,7 @@ def floor_app(config: dict, probes: list[dict]):
                     "causal": False, "draining": False, "probes": probes}
 
         def counts(self) -> dict:
-            return dict(self.n)
+            return dict(self.n, replica=serve.get_replica_context().replica_id.unique_id)
 
         async def list_adapters(self) -> list:
             return []
@@ -143,7 +144,8 @@ def floor_app(config: dict, probes: list[dict]):
                 out.append(item)
             return out
 
-    model = StubModel.bind(config["max_batch_size"], config["batch_wait_timeout_s"])
+    model = StubModel.options(num_replicas=config["num_replicas"]).bind(config["max_batch_size"],
+                                                                        config["batch_wait_timeout_s"])
     return Ingress.options(ray_actor_options={"num_cpus": config["ingress_num_cpus"]},
                            max_ongoing_requests=1000).bind(model, config)
 
@@ -171,8 +173,6 @@ def app_counts(app: str, url: str, replicas: int = 1) -> dict:
         return scrape(url)
     deployment = "StubModel" if app == "floor" else "MultiplexedPeft"
     handle = serve.get_deployment_handle(deployment, app_name=app)
-    if app == "floor":
-        return handle.counts.remote().result()
     seen: dict = {}
     deadline = time.monotonic() + 120  # Ray routes to the least busy replica: a loading one answers later
     while len(seen) < replicas:
