@@ -2,6 +2,7 @@
 app's limit from the app's answers, and what a refusal looks like. Under a real Serve proxy: test_serving."""
 import asyncio
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -210,6 +211,7 @@ def test_a_redeployed_app_with_another_limit_is_followed():
     asyncio.run(main())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO accept queue: Linux only")
 def test_admitted_requests_wait_while_connections_queue_so_a_burst_reaches_the_gate_first():
     """Under uvloop a server accepts one connection per loop iteration: admitted requests' work would delay
     the refusals still queued in the kernel (serving/app/backlog.py). With a limit known, the gate holds
