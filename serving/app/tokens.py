@@ -72,11 +72,17 @@ class TextEncoder:
     def _use_transformers(self) -> None:
         from transformers import AutoTokenizer
 
-        self._transformers = AutoTokenizer.from_pretrained(str(self.base_dir), local_files_only=True)
-        self._fast = None  # only once the tokenizer it switches to is there
+        try:
+            self._transformers = AutoTokenizer.from_pretrained(str(self.base_dir), local_files_only=True)
+        finally:
+            self._fast = None  # after the load (encode keeps working meanwhile), and even if it failed: never
+            # the tokenizer found to differ from the model's (encode then fails instead of answering wrong)
 
     def encode(self, text: str, offsets: bool = False) -> dict:
         if self._fast is None:
+            if self._transformers is None:
+                raise RuntimeError(f"no tokenizer: transformers could not load {self.base_dir}'s "
+                                   f"({self.fallback_reason})")
             return transformers_encode(self._transformers, text, offsets)
         enc = self._fast.encode(text, add_special_tokens=True)
         out = {"input_ids": enc.ids}

@@ -119,3 +119,20 @@ def test_the_ingress_checks_its_encoder_off_the_event_loop_and_first_requests_wa
         assert ingress.encoder.fallback_reason is not None
 
     asyncio.run(main())
+
+
+def test_a_failed_switch_to_transformers_never_leaves_the_differing_tokenizer_in_use(model_tokenizer, monkeypatch):
+    import transformers
+
+    probes = probe_encodings(model_tokenizer)
+    probes[2]["ids"][1] += 1
+    enc = TextEncoder(BASE)
+
+    def broken(*args, **kwargs):
+        raise OSError("tokenizer files unreadable")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(OSError):
+        enc.check(probes)
+    with pytest.raises(RuntimeError, match="no tokenizer"):  # a 500, not ids from the tokenizer that differs
+        enc.encode("Ada Lovelace")
