@@ -104,6 +104,7 @@ def test_serve_config_file_is_a_valid_ray_serve_config_and_a_valid_app_config():
     assert schema.http_options.host == "127.0.0.1"
     cfg = load_config(path)
     assert cfg.port == raw["http_options"]["port"] and cfg.max_ongoing_requests >= cfg.max_batch_size
+    assert set(app.args) == set(ServeConfig.model_fields)  # every knob, none unknown
 
 
 def test_yaml_errors_name_the_file(tmp_path):
