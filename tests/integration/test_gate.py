@@ -14,8 +14,8 @@ from serving.app.gate import (ADMISSION_HEADER, GATED_HEADER, Gate, admission_he
 from serving.app.http import Ingress, error_response
 
 
-def _scope(path: str, method: str = "POST") -> dict:
-    return {"type": "http", "method": method, "path": path, "headers": []}
+def _scope(path: str, method: str = "POST", server=None) -> dict:
+    return {"type": "http", "method": method, "path": path, "headers": [], "server": server}
 
 
 class App:
@@ -38,7 +38,7 @@ class App:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def _call(gate, path="/v1/classify", method="POST") -> tuple[int, dict, bytes]:
+async def _call(gate, path="/v1/classify", method="POST", server=None) -> tuple[int, dict, bytes]:
     messages = []
 
     async def send(message):
@@ -47,7 +47,7 @@ async def _call(gate, path="/v1/classify", method="POST") -> tuple[int, dict, by
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    await gate(_scope(path, method), receive, send)
+    await gate(_scope(path, method, server), receive, send)
     start = messages[0]
     body = b"".join(m.get("body", b"") for m in messages[1:])
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
@@ -221,16 +221,7 @@ def test_admitted_requests_wait_while_connections_queue_so_a_burst_reaches_the_g
     from serving.app.backlog import AcceptHold
 
     async def call(gate, server):
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        await gate(dict(_scope("/v1/classify"), server=server), receive, send)
-        return sent[0]["status"]
+        return (await _call(gate, server=server))[0]
 
     async def main():
         with socket.socket() as lsock:

@@ -108,11 +108,8 @@ def test_the_ingress_checks_its_encoder_off_the_event_loop_and_first_requests_wa
         first = [asyncio.create_task(ingress._model_info()) for _ in range(2)]
         while not loading.is_set():
             await asyncio.sleep(0.005)  # the loop runs while the check loads transformers in its thread
-        ticks = 0
-        for _ in range(5):
-            await asyncio.sleep(0.005)
-            ticks += 1
-        assert ticks == 5 and not any(t.done() for t in first)  # both first requests wait for the switch
+        await asyncio.sleep(0.02)
+        assert not any(t.done() for t in first)  # both first requests wait for the switch
         release.set()
         infos = await asyncio.gather(*first)
         assert all(i["max_tokens"] == 512 for i in infos) and ingress.encoder.backend == "transformers"
