@@ -13,9 +13,10 @@ The kernel says how many connections wait: TCP_INFO on a listening socket report
 length (tcpi_unacked). `AcceptHold.wait()` returns at once while that queue is empty (one getsockopt:
 the steady state, where clients keep their connections); otherwise the admitted request waits until the
 queue has stayed empty for two loop iterations (the accepted requests are read and gated meanwhile), or
-at most `max_hold_s` (MAX_HOLD_S). In the bare app the 64 refusals then answered within 10-12 ms; in a Ray
-ingress replica (serve_load's app at 128 tokens, 5 bursts of 128 new clients, 64 admitted), 19-39 ms at p99
-(median 23; with a 30 ms cap 18-28) against a median of 80-91 ms without the hold.
+at most `max_s` (the app's `accept_hold_ms`; MAX_HOLD_S by default). In the bare app the 64 refusals then
+answered within 10-12 ms; in a Ray ingress replica (serve_load's app at 128 tokens, 5 bursts of 128 new
+clients, 64 admitted), 19-39 ms at p99 (median 23; with a 30 ms cap 18-28) against a median of 80-91 ms
+without the hold.
 
 Linux only: elsewhere, or when the request's listening socket cannot be found among this process's file
 descriptors (a Unix socket, a port served by another process), `for_server` gives None and nothing waits.
@@ -36,7 +37,7 @@ WILDCARD = {"0.0.0.0", "::", ""}
 # Longest wait: a burst of 128 new connections drains in 13-26 ms in a Ray ingress replica (one accept per
 # 0.2-0.45 ms iteration: 512 need over 100 ms). The queue stays non-empty that long only while connections
 # arrive faster than the loop accepts them with nothing else to do, i.e. in such a burst.
-MAX_HOLD_S = 0.1
+MAX_HOLD_S = 0.1  # ServeConfig.accept_hold_ms's default
 
 
 def accept_queue(sock: socket.socket) -> int:
@@ -81,14 +82,12 @@ class AcceptHold:
 
     _by_server: dict[tuple, AcceptHold | None] = {}
 
-    def __init__(self, fd: int, max_hold_s: float = MAX_HOLD_S):
+    def __init__(self, fd: int):
         self.fd = fd
         self.gone = False  # its server closed it: nothing to wait for any more
-        self.max_hold_s = max_hold_s
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: list[tuple[asyncio.Future, float]] = []  # (future, monotonic deadline)
         self._polling = False
         self._quiet = 0
-        self._since = 0.0
         self.holds = 0  # admitted requests that waited (tests, debugging)
 
     @classmethod
@@ -120,34 +119,39 @@ class AcceptHold:
         self.gone = True
         return 0
 
-    async def wait(self) -> None:
-        """Return once no connection waits to be accepted (at once in the common case)."""
-        if not self._waiters and not self.pending():
+    async def wait(self, max_s: float = MAX_HOLD_S) -> None:
+        """Return once no connection waits to be accepted (at once in the common case), or after max_s
+        (0: at once)."""
+        if max_s <= 0 or (not self._waiters and not self.pending()):
             return
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._waiters.append(waiter)
+        entry = (loop.create_future(), time.monotonic() + max_s)
+        self._waiters.append(entry)
         self.holds += 1
         if not self._polling:
-            self._polling, self._quiet, self._since = True, 0, time.monotonic()
+            self._polling, self._quiet = True, 0
             loop.call_soon(self._poll)
         try:
-            await waiter
+            await entry[0]
         finally:
-            if not waiter.done():  # cancelled while waiting (the client left)
-                self._waiters.remove(waiter)
+            if not entry[0].done():  # cancelled while waiting (the client left)
+                self._waiters.remove(entry)
 
     def _poll(self) -> None:
-        """Once per loop iteration while requests wait: release them when the queue stayed empty."""
-        if not self._waiters:  # all cancelled
-            self._polling = False
-            return
+        """Once per loop iteration while requests wait: release them all when the queue stayed empty, and
+        each one whose time is up."""
         self._quiet = self._quiet + 1 if not self.pending() else 0
-        if self._quiet >= QUIET_ITERATIONS or time.monotonic() - self._since >= self.max_hold_s:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        now = time.monotonic()
+        release = self._quiet >= QUIET_ITERATIONS
+        keep = []
+        for future, deadline in self._waiters:
+            if release or deadline <= now:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                keep.append((future, deadline))
+        self._waiters = keep
+        if not keep:  # released, or all cancelled
             self._polling = False
             return
         asyncio.get_running_loop().call_soon(self._poll)

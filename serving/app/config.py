@@ -53,6 +53,10 @@ class ServeConfig(BaseModel):
     # least one row); 0: no gate. Behind proxies in a cluster, about max_pending_rows x ingress
     # replicas / proxies.
     gate_max_requests: int | None = Field(None, ge=0)
+    # while new connections wait in that HTTP server's accept queue, an admitted request waits for them to be
+    # accepted (and gated) first, at most this long (serving/app/backlog.py): without it, a burst of new
+    # clients was refused 70-150 ms late; with it, within 13-39 ms (serve_load). 0: no wait; Linux only.
+    accept_hold_ms: float = Field(100.0, ge=0, le=1000)
     # requests waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
     # unbounded (Ray's default). A request beyond it answers 429 with Retry-After at once.
     max_queued_requests: int = Field(256, ge=-1)

@@ -44,7 +44,7 @@ import time
 from urllib.parse import quote, unquote
 
 from .admission import Admission
-from .backlog import AcceptHold
+from .backlog import MAX_HOLD_S, AcceptHold
 
 GATED = {"/v1/classify": "classify", "/v1/tag": "tag", "/v1/embeddings": "embeddings"}  # path -> metrics route
 ADMISSION_HEADER = "x-polyhead-admission"
@@ -63,9 +63,11 @@ def middlewares() -> list:
     return [Middleware(Gate)]
 
 
-def admission_header(app: str, max_requests: int, min_retry_s: int, max_retry_s: int, push_s: float) -> str:
-    """The value the ingress sends; max_requests 0 turns the gate off for that app."""
-    return f"app={quote(app, safe='')};max={max_requests};retry={min_retry_s}-{max_retry_s};push={push_s:g}"
+def admission_header(app: str, max_requests: int, min_retry_s: int, max_retry_s: int, push_s: float,
+                     hold_s: float = MAX_HOLD_S) -> str:
+    """The value the ingress sends; max_requests 0 turns the gate off for that app, hold_s 0 its accept hold."""
+    return (f"app={quote(app, safe='')};max={max_requests};retry={min_retry_s}-{max_retry_s};push={push_s:g};"
+            f"hold={hold_s:g}")
 
 
 def parse_admission(value: str) -> dict | None:
@@ -74,10 +76,12 @@ def parse_admission(value: str) -> dict | None:
         fields = dict(part.split("=", 1) for part in value.split(";"))
         low, high = fields["retry"].split("-")
         out = {"app": unquote(fields["app"]), "max": int(fields["max"]), "min_retry_s": int(low),
-               "max_retry_s": int(high), "push_s": float(fields["push"])}
+               "max_retry_s": int(high), "push_s": float(fields["push"]),
+               "hold_s": float(fields.get("hold", MAX_HOLD_S))}  # absent: an ingress of an older version
     except (KeyError, ValueError):
         return None
-    if out["max"] < 0 or out["min_retry_s"] < 0 or out["max_retry_s"] < out["min_retry_s"] or out["push_s"] <= 0:
+    if (out["max"] < 0 or out["min_retry_s"] < 0 or out["max_retry_s"] < out["min_retry_s"] or out["push_s"] <= 0
+            or not 0 <= out["hold_s"] <= 1):
         return None
     return out
 
@@ -195,10 +199,10 @@ class Gate:
         scope = {**scope, "headers": headers + [(_GATED, b"1")]}
         adm.admit(1)
         try:
-            if gate.config is not None and gate.config["max"]:  # refusals possible: let a burst reach the gate
-                hold = AcceptHold.for_server(scope.get("server"))
+            if gate.config is not None and gate.config["max"] and gate.config["hold_s"]:
+                hold = AcceptHold.for_server(scope.get("server"))  # refusals possible: let a burst reach the gate
                 if hold is not None:
-                    await hold.wait()
+                    await hold.wait(gate.config["hold_s"])
             await self.app(scope, receive, send_reading_admission)
         finally:
             adm.done(1, answered=200 <= status < 300)

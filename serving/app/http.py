@@ -197,7 +197,8 @@ class Ingress:
             return None
         limit = self.cfg.gate_max_requests
         return admission_header(app_name, self.cfg.pending_rows_limit() if limit is None else limit,
-                                self.cfg.retry_after_s, self.cfg.max_retry_after_s, self.cfg.metrics_push_s)
+                                self.cfg.retry_after_s, self.cfg.max_retry_after_s, self.cfg.metrics_push_s,
+                                self.cfg.accept_hold_ms / 1000)
 
     def _retry(self) -> dict:
         return {"Retry-After": str(self.cfg.retry_after_s)}

@@ -539,3 +539,17 @@ def test_the_admission_header_goes_only_to_requests_the_front_gate_passed_on():
     assert parse_admission(serve({"x-polyhead-gated": "1"})["x-polyhead-admission"])["max"] == 64
     assert "x-polyhead-admission" not in serve({})
     assert "x-polyhead-admission" not in serve({"x-polyhead-gated": "1"}, rows=False)  # not an inference route
+
+
+def test_the_admission_header_carries_the_apps_gate_settings(monkeypatch):
+    from serving.app import http
+    from serving.app.gate import parse_admission
+
+    ingress = _ready_ingress(None)
+    monkeypatch.setattr(http.serve, "get_replica_context", lambda: SimpleNamespace(app_name="my app"))
+    ingress.cfg = ServeConfig(gate_max_requests=7, accept_hold_ms=25, retry_after_s=2, max_retry_after_s=30)
+    assert parse_admission(ingress._gate_config()) == {"app": "my app", "max": 7, "min_retry_s": 2,
+                                                       "max_retry_s": 30, "push_s": ingress.cfg.metrics_push_s,
+                                                       "hold_s": 0.025}
+    ingress.cfg = ServeConfig(accept_hold_ms=0)
+    assert parse_admission(ingress._gate_config())["hold_s"] == 0

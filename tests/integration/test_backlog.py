@@ -60,20 +60,20 @@ def test_find_listener_matches_the_port_on_its_address_or_a_wildcard_and_owns_no
 def test_wait_returns_at_once_with_an_empty_queue_and_waits_while_connections_queue():
     async def main():
         with _listener() as lsock:
-            hold = AcceptHold(lsock.fileno(), max_hold_s=10.0)
-            await asyncio.wait_for(hold.wait(), 1.0)  # nothing queued
+            hold = AcceptHold(lsock.fileno())
+            await asyncio.wait_for(hold.wait(10.0), 1.0)  # nothing queued
             assert hold.holds == 0
             clients = _connect(lsock.getsockname()[1], 2)
-            waiters = [asyncio.create_task(hold.wait()) for _ in range(3)]
+            waiters = [asyncio.create_task(hold.wait(10.0)) for _ in range(3)]
             for _ in range(20):  # many loop iterations: still queued, so everyone waits
                 await asyncio.sleep(0)
             assert not any(w.done() for w in waiters) and hold.holds == 3
-            later = asyncio.create_task(hold.wait())  # joins the waiters even though it checks nothing itself
+            later = asyncio.create_task(hold.wait(10.0))  # joins the waiters even though it checks nothing itself
             for _ in range(2):
                 lsock.accept()[0].close()
             await asyncio.wait_for(asyncio.gather(*waiters, later), 1.0)  # drained: all released together
             assert hold.holds == 4
-            await asyncio.wait_for(hold.wait(), 1.0)  # and the next one passes at once again
+            await asyncio.wait_for(hold.wait(10.0), 1.0)  # and the next one passes at once again
             assert hold.holds == 4
             for c in clients:
                 c.close()
@@ -81,21 +81,29 @@ def test_wait_returns_at_once_with_an_empty_queue_and_waits_while_connections_qu
     asyncio.run(main())
 
 
-def test_wait_gives_up_after_max_hold_and_a_cancelled_waiter_leaves():
+def test_each_waiter_gives_up_after_its_own_cap_and_a_cancelled_waiter_leaves():
     async def main():
         with _listener() as lsock:
-            hold = AcceptHold(lsock.fileno(), max_hold_s=0.05)
+            hold = AcceptHold(lsock.fileno())
             clients = _connect(lsock.getsockname()[1], 1)  # never accepted
-            cancelled = asyncio.create_task(hold.wait())
+            cancelled = asyncio.create_task(hold.wait(10.0))
             await asyncio.sleep(0)
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
+            await asyncio.wait_for(hold.wait(0), 1.0)  # a cap of 0: no wait at all
+            assert hold.holds == 1
             loop = asyncio.get_running_loop()
             start = loop.time()
-            await asyncio.wait_for(hold.wait(), 2.0)
-            assert loop.time() - start >= 0.04  # held until the cap, not forever
+            patient = asyncio.create_task(hold.wait(10.0))
+            await asyncio.wait_for(hold.wait(0.05), 2.0)
+            assert loop.time() - start >= 0.04  # held until its cap, not forever
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not patient.done()  # a longer cap still waits: the queue has not drained
             assert accept_queue(lsock) == 1
+            lsock.accept()[0].close()
+            await asyncio.wait_for(patient, 1.0)
             for c in clients:
                 c.close()
 

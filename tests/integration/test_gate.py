@@ -9,6 +9,7 @@ import pytest
 
 from serving.app.admission import Admission
 
+from serving.app.backlog import MAX_HOLD_S
 from serving.app.gate import (ADMISSION_HEADER, GATED_HEADER, Gate, admission_header, gated_route, middlewares,
                               parse_admission)
 from serving.app.http import Ingress, error_response
@@ -68,11 +69,14 @@ def test_only_inference_posts_are_gated(method, path, expected):
 
 
 def test_admission_header_round_trip_and_malformed_values():
-    value = admission_header("my app;x=1", 64, 1, 60, 0.5)
+    value = admission_header("my app;x=1", 64, 1, 60, 0.5, hold_s=0.025)
     assert parse_admission(value) == {"app": "my app;x=1", "max": 64, "min_retry_s": 1, "max_retry_s": 60,
-                                      "push_s": 0.5}
+                                      "push_s": 0.5, "hold_s": 0.025}
+    assert parse_admission("app=a;max=1;retry=1-2;push=1")["hold_s"] == MAX_HOLD_S  # an older ingress's header
     for bad in ["", "app=a", "app=a;max=x;retry=1-2;push=1", "app=a;max=1;retry=3-2;push=1",
-                "app=a;max=-1;retry=1-2;push=1", "app=a;max=1;retry=1-2;push=0", "app=a;max=1;retry=12;push=1"]:
+                "app=a;max=-1;retry=1-2;push=1", "app=a;max=1;retry=1-2;push=0", "app=a;max=1;retry=12;push=1",
+                "app=a;max=1;retry=1-2;push=1;hold=-0.1", "app=a;max=1;retry=1-2;push=1;hold=2",
+                "app=a;max=1;retry=1-2;push=1;hold=nan", "app=a;max=1;retry=1-2;push=1;hold=x"]:
         assert parse_admission(bad) is None, bad
 
 
@@ -247,6 +251,33 @@ def test_admitted_requests_wait_while_connections_queue_so_a_burst_reaches_the_g
             app.release.set()
             assert await asyncio.gather(*admitted) == [200, 200]
             assert AcceptHold.for_server(server).holds == 2
+            for c in clients:
+                c.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO accept queue: Linux only")
+def test_an_app_with_accept_hold_0_passes_admitted_requests_on_while_connections_queue():
+    import socket
+
+    async def main():
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(16)
+            server = lsock.getsockname()
+            app = App(admission_header("polyhead", 2, 1, 60, 1.0, hold_s=0))
+            gate = Gate(app)
+            app.release.set()
+            assert (await _call(gate, server=server))[0] == 200  # its config (hold 0) is known
+            app.release.clear()
+            clients = [socket.create_connection(server) for _ in range(3)]  # still in the kernel's queue
+            admitted = asyncio.create_task(_call(gate, server=server))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert app.calls == 2  # passed on at once, not held
+            app.release.set()
+            assert (await admitted)[0] == 200
             for c in clients:
                 c.close()
 
