@@ -69,6 +69,7 @@ APPS = ("floor", "polyhead", "proxied", "multiplexed")
 PREFIX = {"polyhead": "", "proxied": "", "floor": "/floor", "multiplexed": "/mux"}
 SCRAPED = ("polyhead", "proxied")  # batch statistics from the polyhead app's /metrics
 GROWTH = 1.05  # saturation: the next level's goodput grows less than this
+WARM_PASSES = 12  # polyhead's warm-up: passes over the adapters until each model replica has loaded each
 WORDS = ("the quick brown fox jumps over lazy dog river mountain city house green blue red small large "
          "happy sad fast slow light dark water fire earth wind music book table chair window door road "
          "tree flower garden morning evening night summer winter people friend family school work time").split()
@@ -86,10 +87,14 @@ def make_texts(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
     return out
 
 
-def floor_app(config: dict, probes: list[dict]):
+def floor_app(config: dict, probes: list[dict], work_s: float = 0.0, work: str = "sleep"):
     """The polyhead Ingress on a stub ModelServer that answers every row of a batch at once. probes: the real
-    model's answer to the ingress's tokenizer check (serving/app/tokens.py), so the floor has polyhead's ingress."""
+    model's answer to the ingress's tokenizer check (serving/app/tokens.py), so the floor has polyhead's ingress.
+    work_s > 0: each batch first spends that long on a thread of the replica, as the engine's forward does,
+    asleep (work "sleep") or copying 24 MB buffers ("stream": a forward's sweep through memory, which leaves the
+    CPU caches cold); its answers then report it as their compute_s (benchmarks/serve_gap.py)."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     from ray import serve
 
@@ -107,6 +112,20 @@ def floor_app(config: dict, probes: list[dict]):
             self._batch.set_max_batch_size(max_batch_size)
             self._batch.set_batch_wait_timeout_s(wait_s)
             self.n = {"batches": 0, "rows": 0, "adapters": 0}
+            self.thread = ThreadPoolExecutor(max_workers=1) if work_s > 0 else None
+            if work_s > 0 and work == "stream":
+                import torch
+
+                self.src, self.dst = torch.ones(6 << 20), torch.empty(6 << 20)  # 24 MB each, float32
+
+        def _work(self) -> float:
+            start = time.perf_counter()
+            if work == "stream":
+                while time.perf_counter() - start < work_s:
+                    self.dst.copy_(self.src)
+            else:
+                time.sleep(work_s)
+            return time.perf_counter() - start
 
         def info(self) -> dict:
             return {"model_name": "stub", "max_tokens": 512, "hidden_size": hidden, "vocab_size": 30522,
@@ -128,12 +147,15 @@ def floor_app(config: dict, probes: list[dict]):
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
         async def _batch(self, rows: list[dict]) -> list[dict]:
+            compute_s = 0.0
+            if self.thread is not None:
+                compute_s = await asyncio.get_running_loop().run_in_executor(self.thread, self._work)
             adapters = len({r.get("adapter") for r in rows} - {None})
             self.n["batches"] += 1
             self.n["rows"] += len(rows)
             self.n["adapters"] += adapters
             info = {"batch_size": len(rows), "batch_adapters": adapters, "batch_id": self.n["batches"],
-                    "compute_s": 0.0}
+                    "compute_s": compute_s}
             out = []
             for r in rows:
                 item = dict(info, task="seq_cls", labels=["LABEL_0", "LABEL_1"])
@@ -576,7 +598,8 @@ def main(argv=None) -> None:
                         serve.run(builders[app](), name=app, route_prefix=PREFIX[app] or "/")
                     if ports is not None and app in ("floor", "polyhead"):
                         urls[app] = direct_ingress_url(app, ports)
-                    warm(urls[app], app, names if app == "polyhead" else names[:4], texts[token_lengths[0]])
+                    warm(urls[app], app, names if app == "polyhead" else names[:4], texts[token_lengths[0]],
+                         replicas=args.replicas if app == "polyhead" else 0)
                 except Exception as exc:  # noqa: BLE001 - measure the other apps
                     report["app_errors"][app] = f"{type(exc).__name__}: {exc}"[:2000]
                     print(f"  {app}: not served: {report['app_errors'][app][:300]}", flush=True)
@@ -601,8 +624,10 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def warm(url: str, app: str, names: list[str], texts: list[str]) -> None:
-    """Wait for /ready, then one request per adapter, both routes in turn (on-demand loads stay out of levels)."""
+def warm(url: str, app: str, names: list[str], texts: list[str], replicas: int = 0) -> None:
+    """Wait for /ready, then one request per adapter, both routes in turn. replicas > 0 (polyhead): again, until
+    its /metrics count an on-demand load of every adapter in each of its `replicas` model replicas (Ray routes
+    each request to either; a load in a measured level would count in its latencies), at most WARM_PASSES."""
     import httpx
 
     prefix = PREFIX[app]
@@ -612,12 +637,27 @@ def warm(url: str, app: str, names: list[str], texts: list[str]) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{app} not ready")
             time.sleep(0.5)
-        for i, name in enumerate(names):
-            route = ("/v1/embeddings", "/v1/classify")[i % 2]
-            r = c.post(prefix + route, json={"model": name, "input": texts[i % len(texts)]},
-                       headers={"serve_multiplexed_model_id": name} if app == "multiplexed" else None)
-            if r.status_code != 200:
-                raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
+        for n in range(WARM_PASSES if replicas else 1):
+            for i, name in enumerate(names):
+                route = ("/v1/embeddings", "/v1/classify")[(i + n) % 2]
+                r = c.post(prefix + route, json={"model": name, "input": texts[i % len(texts)]},
+                           headers={"serve_multiplexed_model_id": name} if app == "multiplexed" else None)
+                if r.status_code != 200:
+                    raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
+            if replicas:
+                time.sleep(1.5)  # the replicas' counters reach the ingress's /metrics (metrics_push_s: 1 s)
+                loads = adapter_loads(c.get(prefix + "/metrics").text)
+                if loads >= len(names) * replicas:
+                    return
+        if replicas:
+            print(f"  {app}: {loads:.0f} of {len(names) * replicas} adapter loads after {WARM_PASSES} warm-up passes: "
+                  f"the rest load in the first level", flush=True)
+
+
+def adapter_loads(text: str) -> float:
+    """polyhead_adapter_loads_total in a /metrics answer (every model replica's)."""
+    m = re.search(r"^polyhead_adapter_loads_total\s+(\S+)", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
 
 
 def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp, engine=None) -> dict:

@@ -1,0 +1,160 @@
+"""At concurrency 1, how much time does the serving path add around the model's work, and why is it more than
+the empty app's?
+
+serve_load's concurrency-1 target compares polyhead with the floor (the same ingress on a stub model that
+answers at once) plus the engine's time for one row. This asks whether the path around the model costs the
+same whether the model answers at once or after a forward's time. Stub models only (polyhead's own mean
+would include its first loads of adapters, made on demand in each replica). Side by side in one local Ray
+Serve instance (serving.app.start_local_ray, direct ingress), loaded in turn, in alternating order, for
+--rounds:
+  instant      serve_load's floor: the stub model answers at once
+  sleep T      the same stub, each batch first sleeping T ms on a thread of its replica (as the engine's
+               forward runs on one): the cores are idle meanwhile, or run whatever else is there
+  stream T     the same, copying 24 MB buffers for T ms instead (a forward's sweep through memory, which
+               leaves the CPU caches cold)
+Each app runs `--replicas` model replicas, each one request at a time from a closed loop of one client
+(wrk, else the py client), half /v1/embeddings and half /v1/classify, `--tokens` tokens per input, for 64
+adapter names (unknown to a stub: they pass through).
+Columns: the client's p50; the ingress's mean end-to-end time (polyhead_request_seconds); the model's work
+per batch (T); and the gap = the ingress's
+mean wait for the model's answer minus that work (polyhead_queue_seconds: routing, Ray's calls both ways,
+the replica's request handling, batching; each answer reports its work). Timings are reported, never
+asserted.
+
+    .venv/bin/python benchmarks/serve_gap.py [--work-ms 5,25,60] [--rounds 3] [--duration 6] [--tokens 128]
+    .venv/bin/python benchmarks/serve_gap.py --rounds 1 --duration 2 --work-ms 25 --out /tmp/sg   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+from load_clients import run_py, run_wrk  # noqa: E402
+from serve_load import N_ADAPTERS, RESULTS_DIR, floor_app, make_texts, warm  # noqa: E402
+
+MEANS = {"e2e_ms": "polyhead_request_seconds", "gap_ms": "polyhead_queue_seconds"}
+
+
+def scrape_means(url: str) -> dict:
+    """_sum and _count of the ingress's latency histograms, summed over routes."""
+    import httpx
+
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        m = re.match(r"^(polyhead_(?:request|queue)_seconds_(?:sum|count))(?:\{[^}]*\})?\s+(\S+)", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def mean_ms(before: dict, after: dict, series: str) -> float | None:
+    n = after.get(series + "_count", 0.0) - before.get(series + "_count", 0.0)
+    return (after.get(series + "_sum", 0.0) - before.get(series + "_sum", 0.0)) / n * 1e3 if n else None
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-ms", default="5,25,60", help="stub work times in ms (sleep and stream each)")
+    ap.add_argument("--stream-ms", default="25", help="work times that also get a stream app ('' for none)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per app and round")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--replicas", type=int, default=os.cpu_count() or 1, help="model replicas (default: a core each)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    load = run_wrk if shutil.which("wrk") else run_py
+    client = "wrk" if load is run_wrk else "py"
+
+    from transformers import AutoTokenizer
+
+    from serving.app import direct_ingress_url, free_ports, load_config, start_local_ray
+    from serving.app.tokens import probe_encodings
+
+    tmp = Path(tempfile.mkdtemp(prefix="polyhead-serve-gap-"))
+    try:
+        base = str(load_config(None).resolved_base_dir())
+        tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
+        texts = make_texts(tok, 256, args.tokens, seed=args.tokens)
+        names = [f"lora-{i:02d}" for i in range(N_ADAPTERS)]
+        cfg = {"max_batch_size": 32, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 64,
+               "max_queued_requests": 256, "max_pending_rows": 64, "num_replicas": args.replicas}
+        builders = {"instant": lambda full: floor_app(full, probes)}
+        work_ms = {"instant": 0.0}
+        for ms in (float(x) for x in args.work_ms.split(",") if x):
+            builders[f"sleep {ms:g}"] = lambda full, s=ms / 1000: floor_app(full, probes, work_s=s, work="sleep")
+            work_ms[f"sleep {ms:g}"] = ms
+        for ms in (float(x) for x in args.stream_ms.split(",") if x):
+            builders[f"stream {ms:g}"] = lambda full, s=ms / 1000: floor_app(full, probes, work_s=s, work="stream")
+            work_ms[f"stream {ms:g}"] = ms
+        full = load_config(None, **cfg).model_dump()
+        probes = probe_encodings(tok)
+        ports = free_ports(2 * len(builders) + 2)
+        start_local_ray(2 * args.replicas + 2, direct_ingress_ports=ports, log_to_driver=False)
+        import ray
+        from ray import serve
+
+        apps = {}
+        try:
+            for i, (label, build) in enumerate(builders.items()):
+                name = f"app{i}"
+                serve.run(build(full), name=name, route_prefix=f"/{name}")
+                apps[label] = (direct_ingress_url(name, ports), f"/{name}")
+                warm(apps[label][0] + apps[label][1], "polyhead", names[:4], texts)  # prefix "": in the url
+            rows = {label: [] for label in apps}
+            for rnd in range(args.rounds):
+                order = list(apps) if rnd % 2 == 0 else list(reversed(apps))
+                for label in order:
+                    url, prefix = apps[label]
+                    before = scrape_means(url + prefix)
+                    r = load(url, prefix, texts, names, 1, args.duration, seed=rnd, tmp=tmp)
+                    time.sleep(1.2)  # the ingress's histograms reach its /metrics
+                    after = scrape_means(url + prefix)
+                    row = {"p50_ms": r["p50_ms"], "req_per_s": r["req_per_s"],
+                           **{k: mean_ms(before, after, s) for k, s in MEANS.items()}, "work_ms": work_ms[label]}
+                    rows[label].append(row)
+                    print(f"round {rnd} {label:>10}: p50 {row['p50_ms']:.1f} ms, e2e {row['e2e_ms']:.1f}, "
+                          f"work {row['work_ms']:.1f}, gap {row['gap_ms']:.1f}", flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+        summary = {label: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for label, rs in rows.items()}
+        report = {"benchmark": "serve_gap", "date": dt.datetime.now().isoformat(timespec="seconds"),
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                              "python": platform.python_version(), "ray": ray.__version__},
+                  "settings": {"rounds": args.rounds, "duration_s": args.duration, "tokens": args.tokens,
+                               "replicas": args.replicas, "client": client,
+                               "app_config": cfg},
+                  "rounds": rows, "median": summary}
+        table = ("| app | p50 ms | ingress e2e ms | model work ms | gap ms | gap - instant's ms |\n"
+                 "|---|---|---|---|---|---|\n")
+        for label, s in summary.items():
+            table += (f"| {label} | {s['p50_ms']:.1f} | {s['e2e_ms']:.1f} | {s['work_ms']:.1f} | {s['gap_ms']:.1f} | "
+                      f"{s['gap_ms'] - summary['instant']['gap_ms']:+.1f} |\n")
+        print("\n" + table)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serve_gap.json").write_text(json.dumps(report, indent=1))
+        (args.out / "serve_gap.md").write_text(
+            f"# serve_gap ({report['date']})\n\nConcurrency 1, {args.tokens}-token inputs, client `{client}`, "
+            f"{args.replicas} model replicas per app, medians of {args.rounds} alternating rounds of "
+            f"{args.duration:g} s. gap = the ingress's mean wait for the model's answer minus the model's work "
+            f"(`polyhead_queue_seconds`).\n\n{table}")
+        print(f"wrote {args.out}/serve_gap.json and .md")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
