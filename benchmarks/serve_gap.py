@@ -12,6 +12,10 @@ Serve instance (serving.app.start_local_ray, direct ingress), loaded in turn, in
                forward runs on one): the cores are idle meanwhile, or run whatever else is there
   stream T     the same, copying 24 MB buffers for T ms instead (a forward's sweep through memory, which
                leaves the CPU caches cold)
+Before Ray starts, the same question for the forward itself: Engine.infer on one row (64 LoRA r=16
+adapters, a random one per call) back to back, as serve_load's engine reference measures it, against the
+same call after 10 ms asleep, or streaming memory, between calls (as a served forward always comes after
+the serving work of its request), on one torch thread and on a thread per core, --rounds alternating.
 Each app runs `--replicas` model replicas, each one request at a time from a closed loop of one client
 (wrk, else the py client), half /v1/embeddings and half /v1/classify, `--tokens` tokens per input, for 64
 adapter names (unknown to a stub: they pass through).
@@ -42,7 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 from load_clients import run_py, run_wrk  # noqa: E402
-from serve_load import N_ADAPTERS, RESULTS_DIR, floor_app, make_texts, warm  # noqa: E402
+from serve_load import N_ADAPTERS, RESULTS_DIR, TARGETS, floor_app, make_texts, warm  # noqa: E402
 
 MEANS = {"e2e_ms": "polyhead_request_seconds", "gap_ms": "polyhead_queue_seconds"}
 
@@ -62,6 +66,53 @@ def scrape_means(url: str) -> dict:
 def mean_ms(before: dict, after: dict, series: str) -> float | None:
     n = after.get(series + "_count", 0.0) - before.get(series + "_count", 0.0)
     return (after.get(series + "_sum", 0.0) - before.get(series + "_sum", 0.0)) / n * 1e3 if n else None
+
+
+BETWEEN_MS = 10.0  # work between two forwards in the engine part
+
+
+def engine_between(base: str, names: list[str], texts: list[str], tmp: Path, tok, rounds: int) -> dict:
+    """Median Engine.infer ms for one row, by (torch threads, what runs between calls), over `rounds`."""
+    import random
+
+    import torch
+
+    from serving import Engine, Request
+    from tests.adapter_factory import make_lora
+
+    engine = Engine.from_pretrained(base, dtype="auto", max_slots=len(names), max_rank=16)
+    for i, name in enumerate(names):
+        engine.load_adapter(name, str(make_lora(tmp / "adapters" / name, engine.schema, seed=100 + i, r=16, alpha=32,
+                                                targets=TARGETS, head="SEQ_CLS", num_labels=2)))
+    ids = [tok(t)["input_ids"] for t in texts]
+    src, dst = torch.ones(6 << 20), torch.empty(6 << 20)  # 24 MB each
+
+    def between(kind: str) -> None:
+        start = time.perf_counter()
+        if kind == "sleep":
+            time.sleep(BETWEEN_MS / 1000)
+        elif kind == "stream":
+            while time.perf_counter() - start < BETWEEN_MS / 1000:
+                dst.copy_(src)
+
+    def median_ms(kind: str, calls: int = 30) -> float:
+        rng, times = random.Random(0), []
+        for _ in range(calls + 3):
+            between(kind)
+            rows = [Request(adapter=rng.choice(names), input_ids=rng.choice(ids))]
+            start = time.perf_counter()
+            engine.infer(rows)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[3:]) * 1e3
+
+    cases = [(t, k) for t in sorted({1, os.cpu_count() or 1}) for k in ("back to back", "sleep", "stream")]
+    got: dict = {c: [] for c in cases}
+    for rnd in range(rounds):
+        for threads, kind in (cases if rnd % 2 == 0 else cases[::-1]):
+            torch.set_num_threads(threads)
+            got[(threads, kind)].append(median_ms(kind))
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {f"{t} thread{'s' if t > 1 else ''}, {k}": statistics.median(v) for (t, k), v in got.items()}
 
 
 def main(argv=None) -> None:
@@ -100,6 +151,9 @@ def main(argv=None) -> None:
             work_ms[f"stream {ms:g}"] = ms
         full = load_config(None, **cfg).model_dump()
         probes = probe_encodings(tok)
+        forwards = engine_between(base, names, texts, tmp, tok, args.rounds)
+        for case, ms in forwards.items():
+            print(f"Engine.infer, one row, {case}: {ms:.1f} ms", flush=True)
         ports = free_ports(2 * len(builders) + 2)
         start_local_ray(2 * args.replicas + 2, direct_ingress_ports=ports, log_to_driver=False)
         import ray
@@ -137,12 +191,15 @@ def main(argv=None) -> None:
                   "settings": {"rounds": args.rounds, "duration_s": args.duration, "tokens": args.tokens,
                                "replicas": args.replicas, "client": client,
                                "app_config": cfg},
-                  "rounds": rows, "median": summary}
+                  "rounds": rows, "median": summary, "engine_one_row_ms": forwards}
         table = ("| app | p50 ms | ingress e2e ms | model work ms | gap ms | gap - instant's ms |\n"
                  "|---|---|---|---|---|---|\n")
         for label, s in summary.items():
             table += (f"| {label} | {s['p50_ms']:.1f} | {s['e2e_ms']:.1f} | {s['work_ms']:.1f} | {s['gap_ms']:.1f} | "
                       f"{s['gap_ms'] - summary['instant']['gap_ms']:+.1f} |\n")
+        table += (f"\n| Engine.infer, one row (median of {args.rounds} rounds' medians) | ms |\n|---|---|\n"
+                  + "".join(f"| {case}{'' if 'back' in case else f' {BETWEEN_MS:g} ms between calls'} | {ms:.1f} |\n"
+                            for case, ms in forwards.items()))
         print("\n" + table)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "serve_gap.json").write_text(json.dumps(report, indent=1))
