@@ -29,7 +29,8 @@ POST /v1/embeddings or /v1/classify (half each) for a random adapter among 64 PE
 every encoder linear, 2-label SEQ_CLS head) and one input of exactly 32 or 128 tokens, for --duration s per
 level, app and input length. The load generator's own CPU time is reported (it shares the cores).
 Batch size and adapters per batch: polyhead's /metrics histograms (as a scrape sees them), the stub's and
-the multiplexed replica's own counters.
+the multiplexed replica's own counters. Model loads/s: polyhead's on-demand adapter loads (its warm-up loads
+every adapter in every model replica first), the multiplexed replicas' model loads.
 Overload: per input length, saturation is the first level after which goodput (200/s) grows < 5 %; the
 py client (every answer's latency, by status) runs at that level and at --overload-factor (4) times it,
 twice: its clients honouring Retry-After on a 429/503 (as the openai client does: the targets are
@@ -175,12 +176,13 @@ def floor_app(config: dict, probes: list[dict], work_s: float = 0.0, work: str =
 # batch statistics per app --------------------------------------------------------------------
 
 def scrape(url: str) -> dict:
-    """polyhead's batch histograms' _sum and _count from its /metrics."""
+    """From polyhead's /metrics: its batch histograms' _sum and _count, its adapter loads (every replica's)."""
     import httpx
 
     out: dict[str, float] = {}
+    series = r"polyhead_(?:(?:batch_size|batch_adapters|batch_compute_seconds)_(?:sum|count)|adapter_loads_total)"
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        m = re.match(r"^(polyhead_(?:batch_size|batch_adapters|batch_compute_seconds)_(?:sum|count))\s+(\S+)", line)
+        m = re.match(rf"^({series})\s+(\S+)", line)
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
@@ -224,7 +226,9 @@ def batch_stats(app: str, before: dict, after: dict, seconds: float) -> dict:
         compute = d.get("polyhead_batch_compute_seconds_sum", 0)
         return {"batches": int(n), "mean_batch_size": d.get("polyhead_batch_size_sum", 0) / n if n else None,
                 "mean_batch_adapters": d.get("polyhead_batch_adapters_sum", 0) / n if n else None,
-                "mean_batch_compute_ms": 1000 * compute / n if n else None}
+                "mean_batch_compute_ms": 1000 * compute / n if n else None,
+                "model_loads": d.get("polyhead_adapter_loads_total", 0),  # on demand, inside the level
+                "model_loads_per_s": d.get("polyhead_adapter_loads_total", 0) / seconds if seconds else None}
     if app == "floor":
         n = d["batches"]
         return {"batches": n, "mean_batch_size": d["rows"] / n if n else None,
@@ -646,18 +650,12 @@ def warm(url: str, app: str, names: list[str], texts: list[str], replicas: int =
                     raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
             if replicas:
                 time.sleep(1.5)  # the replicas' counters reach the ingress's /metrics (metrics_push_s: 1 s)
-                loads = adapter_loads(c.get(prefix + "/metrics").text)
+                loads = scrape(url + prefix).get("polyhead_adapter_loads_total", 0.0)
                 if loads >= len(names) * replicas:
                     return
         if replicas:
             print(f"  {app}: {loads:.0f} of {len(names) * replicas} adapter loads after {WARM_PASSES} warm-up passes: "
                   f"the rest load in the first level", flush=True)
-
-
-def adapter_loads(text: str) -> float:
-    """polyhead_adapter_loads_total in a /metrics answer (every model replica's)."""
-    m = re.search(r"^polyhead_adapter_loads_total\s+(\S+)", text, re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
 
 
 def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, push_s, tmp, engine=None) -> dict:
