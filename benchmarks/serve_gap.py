@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -46,21 +45,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 from load_clients import run_py, run_wrk  # noqa: E402
-from serve_load import N_ADAPTERS, RESULTS_DIR, TARGETS, floor_app, make_texts, warm  # noqa: E402
+from serve_load import N_ADAPTERS, RESULTS_DIR, TARGETS, floor_app, make_texts, scrape, warm  # noqa: E402
 
 MEANS = {"e2e_ms": "polyhead_request_seconds", "gap_ms": "polyhead_queue_seconds"}
 
 
 def scrape_means(url: str) -> dict:
     """_sum and _count of the ingress's latency histograms, summed over routes."""
-    import httpx
-
-    out: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        m = re.match(r"^(polyhead_(?:request|queue)_seconds_(?:sum|count))(?:\{[^}]*\})?\s+(\S+)", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
-    return out
+    return scrape(url, r"polyhead_(?:request|queue)_seconds_(?:sum|count)")
 
 
 def mean_ms(before: dict, after: dict, series: str) -> float | None:

@@ -175,16 +175,19 @@ def floor_app(config: dict, probes: list[dict], work_s: float = 0.0, work: str =
 
 # batch statistics per app --------------------------------------------------------------------
 
-def scrape(url: str) -> dict:
-    """From polyhead's /metrics: its batch histograms' _sum and _count, its adapter loads (every replica's)."""
+BATCH_SERIES = r"polyhead_(?:(?:batch_size|batch_adapters|batch_compute_seconds)_(?:sum|count)|adapter_loads_total)"
+
+
+def scrape(url: str, series: str = BATCH_SERIES) -> dict:
+    """The samples of polyhead's /metrics whose names match `series` (a regex), each summed over its labels;
+    by default its batch histograms' _sum and _count and its adapter loads (every replica's)."""
     import httpx
 
     out: dict[str, float] = {}
-    series = r"polyhead_(?:(?:batch_size|batch_adapters|batch_compute_seconds)_(?:sum|count)|adapter_loads_total)"
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        m = re.match(rf"^({series})\s+(\S+)", line)
+        m = re.match(rf"^({series})(?:\{{[^}}]*\}})?\s+(\S+)", line)
         if m:
-            out[m.group(1)] = float(m.group(2))
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     return out
 
 

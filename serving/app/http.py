@@ -270,7 +270,7 @@ class Ingress:
             raise self._unavailable(exc) from None
         if self._encoder_check is None:
             self._encoder_check = asyncio.ensure_future(self._check_encoder(info.get("probes")))
-        if self._encoder_check is not None and not self._encoder_check.done():
+        if not self._encoder_check.done():
             await asyncio.shield(self._encoder_check)  # every first request waits: none is encoded before it
         self._info = info
         return info
