@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 from load_clients import run_py, run_wrk  # noqa: E402
-from serve_load import N_ADAPTERS, TARGETS, batch_stats, fmt, make_texts, scrape  # noqa: E402
+from serve_load import N_ADAPTERS, TARGETS, batch_stats, fmt, make_texts, scrape, warm  # noqa: E402
 
 VARIANTS = ("a", "b")
 
@@ -47,7 +47,6 @@ def main(argv=None) -> None:
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "py")
     load = run_wrk if client == "wrk" else run_py
 
-    import httpx
     from transformers import AutoTokenizer
 
     from serving.app import build_app, direct_ingress_url, free_ports, load_config, start_local_ray
@@ -86,7 +85,8 @@ def main(argv=None) -> None:
             for v in VARIANTS:
                 serve.run(build_app(configs[v]), name=v, route_prefix=f"/{v}")  # Serve wants distinct prefixes
                 urls[v] = direct_ingress_url(v, ports) + f"/{v}"
-                warm(httpx, urls[v], names, texts)
+                warm(urls[v].removesuffix(f"/{v}"), "polyhead", names, texts, replicas=configs[v]["num_replicas"],
+                     prefix=f"/{v}")
             print(f"a: {overrides['a']}  b: {overrides['b']}  client {client}", flush=True)
             for r in range(args.rounds):
                 order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
@@ -118,19 +118,6 @@ def main(argv=None) -> None:
         print(f"wrote {args.out}/serve_ab.json, .md")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def warm(httpx, url: str, names: list[str], texts: list[str]) -> None:
-    with httpx.Client(base_url=url, timeout=120) as c:
-        deadline = time.monotonic() + 180
-        while c.get("/ready").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} not ready")
-            time.sleep(0.5)
-        for i, name in enumerate(names):  # every adapter loaded before the first level
-            r = c.post("/v1/classify", json={"model": name, "input": texts[i]})
-            if r.status_code != 200:
-                raise RuntimeError(f"warm-up {name}: {r.status_code} {r.text[:300]}")
 
 
 def summarize(rounds: list[dict], levels: list[int]) -> list[dict]:

@@ -631,14 +631,18 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def warm(url: str, app: str, names: list[str], texts: list[str], replicas: int = 0) -> None:
-    """Wait for /ready, then one request per adapter, both routes in turn. replicas > 0 (polyhead): again, until
-    its /metrics count an on-demand load of every adapter in each of its `replicas` model replicas (Ray routes
-    each request to either; a load in a measured level would count in its latencies), at most WARM_PASSES."""
+def warm(url: str, app: str, names: list[str], texts: list[str], replicas: int = 0, prefix: str | None = None) -> None:
+    """Wait for /ready, then one request per adapter, both routes in turn. replicas > 0 (polyhead): each
+    adapter's request is sent `replicas` times at once, so Ray's router, which sends a request to the replica
+    with fewer in flight, loads it in every model replica; passes repeat until its /metrics count an on-demand
+    load of every adapter in each replica (a load in a measured level would count in its latencies), at most
+    WARM_PASSES. prefix: the app's route prefix (default: serve_load's for `app`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
-    prefix = PREFIX[app]
-    with httpx.Client(base_url=url, timeout=120) as c:
+    prefix = PREFIX[app] if prefix is None else prefix
+    with httpx.Client(base_url=url, timeout=120) as c, ThreadPoolExecutor(max(1, replicas)) as pool:
         deadline = time.monotonic() + 180
         while app != "multiplexed" and c.get(prefix + "/ready").status_code != 200:
             if time.monotonic() > deadline:
@@ -647,14 +651,16 @@ def warm(url: str, app: str, names: list[str], texts: list[str], replicas: int =
         for n in range(WARM_PASSES if replicas else 1):
             for i, name in enumerate(names):
                 route = ("/v1/embeddings", "/v1/classify")[(i + n) % 2]
-                r = c.post(prefix + route, json={"model": name, "input": texts[i % len(texts)]},
-                           headers={"serve_multiplexed_model_id": name} if app == "multiplexed" else None)
-                if r.status_code != 200:
-                    raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
+                body = {"model": name, "input": texts[i % len(texts)]}
+                headers = {"serve_multiplexed_model_id": name} if app == "multiplexed" else None
+                for r in pool.map(lambda _: c.post(prefix + route, json=body, headers=headers), range(max(1, replicas))):
+                    if r.status_code != 200:
+                        raise RuntimeError(f"warm-up {app} {route} {name}: {r.status_code} {r.text[:300]}")
             if replicas:
                 time.sleep(1.5)  # the replicas' counters reach the ingress's /metrics (metrics_push_s: 1 s)
                 loads = scrape(url + prefix).get("polyhead_adapter_loads_total", 0.0)
                 if loads >= len(names) * replicas:
+                    print(f"  {app}: {loads:.0f} adapter loads after {n + 1} warm-up pass{'es' if n else ''}", flush=True)
                     return
         if replicas:
             print(f"  {app}: {loads:.0f} of {len(names) * replicas} adapter loads after {WARM_PASSES} warm-up passes: "
