@@ -150,7 +150,16 @@ def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, s
             "shed_p99_later_ms": pct(shed & later, 99),
             "n200": n[200], "n429": n[429], "n503": n[503], "nother": total - n[200] - n[429] - n[503],
             "socket_errors": n[-1], "timeouts": 0, **_shares(total, n[429], n[503]),
+            "retry_after_s": _spread(r["retry_after"]),
             "client_cpu_s": r["cpu_s"], "client_cpu_share_of_one_core": r["cpu_s"] / wall}
+
+
+def _spread(values: list[float]) -> dict | None:
+    """Median, p90 and max of the Retry-After values the client was given (None without any)."""
+    if not values:
+        return None
+    v = sorted(values)
+    return {"p50": v[len(v) // 2], "p90": v[min(len(v) - 1, int(len(v) * 0.9))], "max": v[-1], "n": len(v)}
 
 
 def _shares(total: int, n429: int, n503: int) -> dict:
@@ -190,6 +199,7 @@ async def _client(a: dict) -> dict:
     status: list[int] = []
     lat: list[float] = []
     sent: list[float] = []
+    retries: list[float] = []  # Retry-After of each refusal that had one, in order
     t_start = time.perf_counter()
 
     def request() -> bytes:
@@ -222,6 +232,8 @@ async def _client(a: dict) -> dict:
                 status.append(code)
                 lat.append(time.perf_counter() - t)
                 sent.append(t - t_start)
+                if code in (429, 503) and retry is not None:
+                    retries.append(retry)
                 if close:
                     writer.close()
                     writer = None
@@ -240,7 +252,7 @@ async def _client(a: dict) -> dict:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {"status": status[:n], "lat": [round(x, 6) for x in lat[:n]], "sent": [round(x, 4) for x in sent[:n]],
-            "seconds": seconds}
+            "retry_after": retries, "seconds": seconds}
 
 
 def _client_main() -> None:

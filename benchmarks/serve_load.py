@@ -703,7 +703,8 @@ def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, p
                   f"({fmt(run['overload'][app]['goodput_over_peak'], 2)} of peak), 429 {100 * o['share_429']:.1f}% "
                   f"503 {100 * o['share_503']:.1f}%, shed p99 {fmt(o['shed_p99_ms'])} ms (after the first second "
                   f"{fmt(o.get('shed_p99_later_ms'))} ms), accepted p99 "
-                  f"{fmt(o['ok_p99_ms'])} ms (at saturation {fmt(ref['ok_p99_ms'])} ms)", flush=True)
+                  f"{fmt(o['ok_p99_ms'])} ms (at saturation {fmt(ref['ok_p99_ms'])} ms); Retry-After given "
+                  f"{o.get('retry_after_s')}, mean batch {fmt(o.get('mean_batch_size'))}", flush=True)
     return run
 
 

@@ -43,7 +43,7 @@ import sys
 import time
 from urllib.parse import quote, unquote
 
-from .admission import Admission
+from .admission import Admission, client_key
 from .backlog import MAX_HOLD_S, AcceptHold
 
 GATED = {"/v1/classify": "classify", "/v1/tag": "tag", "/v1/embeddings": "embeddings"}  # path -> metrics route
@@ -175,7 +175,7 @@ class Gate:
         adm = gate.admission
         if adm.full:
             start = time.perf_counter()
-            await _refuse(send, adm.refuse())
+            await _refuse(send, adm.refuse(client_key(scope)))
             gate.count_refusal(route, time.perf_counter() - start)
             return
         status = 0

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, check_name, parse_ref
 
-from .admission import Admission
+from .admission import Admission, current_client, set_client
 from .coalesce import Coalescer
 from .config import ServeConfig
 from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
@@ -209,6 +209,7 @@ class Ingress:
         if self.pusher is not None:
             self.pusher.ensure_started()
         start = time.perf_counter()
+        set_client(request.scope)  # for a refusal anywhere in this request's task (_overloaded)
         try:
             if rows and self.admission.full:
                 raise self._overloaded()
@@ -249,7 +250,7 @@ class Ingress:
 
     def _overloaded(self) -> ApiError:
         return ApiError(429, OVERLOADED, "overloaded",
-                        {"Retry-After": str(self.admission.refuse())})
+                        {"Retry-After": str(self.admission.refuse(current_client()))})
 
     def _unavailable(self, exc: BaseException) -> ApiError:
         return ApiError(503, f"the model is unavailable, retry later ({type(exc).__name__})", "unavailable",

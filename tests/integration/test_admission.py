@@ -58,6 +58,38 @@ def test_advice_covers_the_backlog_and_the_refused_clients_at_the_completion_rat
     assert adm.refuse() == 4
 
 
+def test_a_client_refused_again_within_its_advice_counts_once():
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
+    served(adm, clock, rows_per_s=20, seconds=10)
+    adm.admit(64)
+    clients = [("127.0.0.1", 40000 + i) for i in range(128)]
+    for _ in range(50):  # every client retries at once, 50 times
+        advice = [adm.refuse(c) for c in clients]
+    assert advice[-1] == 10  # (64 + 128 clients) / 20 rows/s; as refusals, 6464 / 20 s: the 60 s cap
+    assert adm.refuse() == 10  # a refusal without a key is a client of its own: (64 + 129) / 20 = 9.65
+
+
+def test_a_flood_of_immediate_retries_leaves_no_long_advice_behind():
+    """Clients that never wait (retrying every 10 ms for 30 s) while the model serves: the advice stays what their
+    number needs, and a client that honours it afterwards is told the same, not the cap."""
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
+    served(adm, clock, rows_per_s=50, seconds=10)
+    adm.admit(64)
+    clients = [("10.0.0.2", 50000 + i) for i in range(32)]
+    seen = set()
+    for step in range(3000):
+        for c in clients:
+            seen.add(adm.refuse(c))
+        clock.t += 0.01
+        if step % 2:  # a row completes every 20 ms and an admitted one takes its place: 64 stay pending
+            adm.done(1)
+            adm.admit(1)
+    assert max(seen) == 2  # (64 + 32 clients) / 50 rows/s
+    assert adm.refuse(("10.0.0.3", 1234)) == 2
+
+
 def test_advice_stays_within_its_bounds():
     clock = Clock()
     adm = Admission(64, min_retry_s=1, max_retry_s=5, clock=clock)

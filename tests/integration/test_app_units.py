@@ -124,8 +124,10 @@ def _ingress(key):
     return obj
 
 
-def _request(host, headers=None):
-    return SimpleNamespace(client=SimpleNamespace(host=host), headers=headers or {})
+def _request(host, headers=None, port=40000):
+    """What the ingress reads of a Starlette request: its client, headers and ASGI scope."""
+    return SimpleNamespace(client=SimpleNamespace(host=host, port=port), headers=headers or {},
+                           scope={"type": "http", "client": (host, port)})
 
 
 def test_without_admin_key_only_local_clients_are_admins():

@@ -15,8 +15,8 @@ from serving.app.gate import (ADMISSION_HEADER, GATED_HEADER, Gate, admission_he
 from serving.app.http import Ingress, error_response
 
 
-def _scope(path: str, method: str = "POST", server=None) -> dict:
-    return {"type": "http", "method": method, "path": path, "headers": [], "server": server}
+def _scope(path: str, method: str = "POST", server=None, client=None) -> dict:
+    return {"type": "http", "method": method, "path": path, "headers": [], "server": server, "client": client}
 
 
 class App:
@@ -39,7 +39,7 @@ class App:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def _call(gate, path="/v1/classify", method="POST", server=None) -> tuple[int, dict, bytes]:
+async def _call(gate, path="/v1/classify", method="POST", server=None, client=None) -> tuple[int, dict, bytes]:
     messages = []
 
     async def send(message):
@@ -48,7 +48,7 @@ async def _call(gate, path="/v1/classify", method="POST", server=None) -> tuple[
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    await gate(_scope(path, method, server), receive, send)
+    await gate(_scope(path, method, server, client), receive, send)
     start = messages[0]
     body = b"".join(m.get("body", b"") for m in messages[1:])
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
@@ -117,6 +117,41 @@ def test_gate_passes_everything_until_the_app_has_answered_then_refuses_beyond_i
                        (("adapter", "none"), ("route", "embeddings"), ("type", "overloaded")))] == 1
 
     asyncio.run(main())
+
+
+def test_refusals_count_each_connection_once_however_often_it_retries():
+    async def main():
+        app = App(admission_header("polyhead", 1, 1, 60, 1.0))
+        gate = Gate(app)
+        app.release.set()
+        assert (await _call(gate))[0] == 200  # the app's limit is known from here on
+        app.release.clear()
+        held = asyncio.create_task(_call(gate))
+        await asyncio.sleep(0.01)
+        for client in [["10.0.0.1", 5555]] * 20 + [("10.0.0.1", 5556), None, None]:  # a list: as some servers give
+            assert (await _call(gate, client=client))[0] == 429
+        assert gate.gates[""].admission.refused_clients == 4  # two connections, and two refusals without one
+        app.release.set()
+        await held
+
+    asyncio.run(main())
+
+
+def test_the_ingress_counts_its_refusals_by_the_requests_connection():
+    import contextvars
+
+    from serving.app.admission import set_client
+
+    adm = Admission(1, 1, 60)
+    ingress = SimpleNamespace(admission=adm)
+
+    def request(client):  # one request's task: its own context
+        set_client({"client": client})
+        return Ingress.func_or_class._overloaded(ingress).status
+
+    assert [contextvars.copy_context().run(request, ["10.0.0.1", 5555]) for _ in range(5)] == [429] * 5
+    assert contextvars.copy_context().run(request, None) == 429  # no connection known: a client of its own
+    assert adm.refused_clients == 2
 
 
 def test_each_route_prefix_has_its_own_count_and_other_apps_are_never_gated():
