@@ -392,24 +392,27 @@ def level_table(run: dict) -> str:
 
 def overload_table(runs: list[dict], factor: int) -> str:
     head = (f"| tokens | app | client | sat. conc | {factor}x conc | peak ok/s | goodput ok/s | goodput/peak | 429 % "
-            "| 503 % | shed p50 ms | shed p99 ms | shed p99 after 1st s | accepted p99 ms | p99 at sat. ms | ratio | client CPU % |")
+            "| 503 % | shed p50 ms | shed p99 ms | shed p99 after 1st s | accepted p99 ms | p99 at sat. ms | ratio "
+            "| Retry-After p50/max s | client CPU % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in runs:
         for app, ov in run["overload"].items():
             if not good(ov):
-                lines.append(f"| {run['tokens']} | {app} | error: {ov.get('error', '-')[:80]} |" + " |" * 14)
+                lines.append(f"| {run['tokens']} | {app} | error: {ov.get('error', '-')[:80]} |" + " |" * 15)
                 continue
             for client, summary in (("honours Retry-After", ov), ("retries at once", ov.get("immediate_retry"))):
                 if summary is None:
                     continue
                 o, ref = summary["overload"], summary["at_saturation"]
+                given = o.get("retry_after_s")
+                retry = f"{given['p50']:g}/{given['max']:g}" if given else "-"
                 lines.append(
                     f"| {run['tokens']} | {app} | {client} | {ref['concurrency']} | {o['concurrency']} | "
                     f"{summary['peak_ok_per_s']:.1f} | {o['ok_per_s']:.1f} | {fmt(summary['goodput_over_peak'], 2)} | "
                     f"{100 * o['share_429']:.1f} | {100 * o['share_503']:.1f} | {fmt(o['shed_p50_ms'])} | "
                     f"{fmt(o['shed_p99_ms'])} | {fmt(o.get('shed_p99_later_ms'))} | {fmt(o['ok_p99_ms'])} | "
                     f"{fmt(ref['ok_p99_ms'])} | "
-                    f"{fmt(summary['accepted_p99_over_saturation_p99'], 2)} | "
+                    f"{fmt(summary['accepted_p99_over_saturation_p99'], 2)} | {retry} | "
                     f"{100 * o['client_cpu_share_of_one_core']:.0f} |")
     return "\n".join(lines)
 

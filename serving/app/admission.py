@@ -19,8 +19,9 @@ stalled model) the advice is `min_s`.
 refused again within the advice counts once. Counting every refusal ran away: clients that retry at once
 without waiting (thousands of refusals a second) made the advice grow, a larger advice kept more refusals
 counted, and it reached `max_s` and stayed there for a minute after the flood, telling every well-behaved client
-to wait 60 s (serve_load, 128 tokens: goodput at 4x overload 0.44x of peak with 60 s advice, against 1.05-1.15x
-with 1-2 s). A refusal without a key counts as a client of its own.
+to wait 60 s (serve_load, 128 tokens, after its flood levels: every refusal of the overload run advised 60 s,
+goodput at 4x overload 0.44x and 0.95x of peak; counting clients, 2 s and 1.17x). A refusal without a key counts
+as a client of its own.
 """
 from __future__ import annotations
 
