@@ -157,8 +157,10 @@ def _app_metrics(app: str, prefix: str, push_s: float):
 
 
 class Gate:
-    """Pure ASGI middleware (no body buffering). A request counts as out from its arrival to the end of its
-    answer; a 2xx answer counts towards the rate Retry-After is computed from."""
+    """Pure ASGI middleware (no body buffering). A request counts as out from its arrival until its answer's
+    last part is handed on (a closed-loop client's next request can arrive before the app's call returns: it
+    must not find its previous one still counted); a 2xx answer counts towards the rate Retry-After is
+    computed from."""
 
     def __init__(self, app):
         self.app = app
@@ -178,11 +180,19 @@ class Gate:
             await _refuse(send, adm.refuse(client_key(scope)))
             gate.count_refusal(route, time.perf_counter() - start)
             return
-        status = 0
+        status, out = 0, True
+
+        def release() -> None:
+            nonlocal out
+            if out:
+                out = False
+                adm.done(1, answered=200 <= status < 300)
 
         async def send_reading_admission(message):
             nonlocal status
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()  # before the last bytes leave: a client's next request must not find this one still out
+            elif message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers") or []
                 values = [v for k, v in headers if k.lower() == _ADMISSION]
@@ -205,7 +215,7 @@ class Gate:
                     await hold.wait(gate.config["hold_s"])
             await self.app(scope, receive, send_reading_admission)
         finally:
-            adm.done(1, answered=200 <= status < 300)
+            release()
 
 
 async def _refuse(send, retry_after: int) -> None:

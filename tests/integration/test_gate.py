@@ -119,6 +119,34 @@ def test_gate_passes_everything_until_the_app_has_answered_then_refuses_beyond_i
     asyncio.run(main())
 
 
+def test_a_request_is_no_longer_out_once_its_last_bytes_are_sent():
+    """A closed-loop client sends its next request as soon as it has the answer, which can be before the app's
+    call returns (its task still finishing): that request is not refused for the one before it."""
+    class Lingering(App):
+        async def __call__(self, scope, receive, send):
+            self.calls += 1
+            headers = [(ADMISSION_HEADER.encode(), self.header.encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+            await self.release.wait()  # the task lingers after the answer went out
+
+    async def main():
+        app = Lingering(admission_header("polyhead", 1, 1, 60, 1.0))
+        gate = Gate(app)
+        app.release.set()
+        assert (await _call(gate))[0] == 200  # the limit (1 out) is known from here on
+        app.release.clear()
+        first = asyncio.create_task(_call(gate))
+        await asyncio.sleep(0.01)
+        assert not first.done()  # answered, its call not returned yet
+        app.release.set()  # the next request is let through: the second call finishes
+        assert (await _call(gate))[0] == 200
+        await first
+        assert gate.gates[""].admission.pending_rows == 0
+
+    asyncio.run(main())
+
+
 def test_refusals_count_each_connection_once_however_often_it_retries():
     async def main():
         app = App(admission_header("polyhead", 1, 1, 60, 1.0))
