@@ -54,6 +54,16 @@ async def _call(gate, path="/v1/classify", method="POST", server=None, client=No
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
 
 
+async def _configured(app, server=None) -> Gate:
+    """A gate in front of `app` that has passed one of its answers on (so it knows the app's limit); the app
+    then holds its next answers until app.release is set again."""
+    gate = Gate(app)
+    app.release.set()
+    assert (await _call(gate, server=server))[0] == 200
+    app.release.clear()
+    return gate
+
+
 @pytest.mark.parametrize("method,path,expected", [
     ("POST", "/v1/classify", ("", "classify")),
     ("POST", "/v1/tag", ("", "tag")),
@@ -132,10 +142,7 @@ def test_a_request_is_no_longer_out_once_its_last_bytes_are_sent():
 
     async def main():
         app = Lingering(admission_header("polyhead", 1, 1, 60, 1.0))
-        gate = Gate(app)
-        app.release.set()
-        assert (await _call(gate))[0] == 200  # the limit (1 out) is known from here on
-        app.release.clear()
+        gate = await _configured(app)  # the limit (1 out) is known from here on
         first = asyncio.create_task(_call(gate))
         await asyncio.sleep(0.01)
         assert not first.done()  # answered, its call not returned yet
@@ -150,10 +157,7 @@ def test_a_request_is_no_longer_out_once_its_last_bytes_are_sent():
 def test_refusals_count_each_connection_once_however_often_it_retries():
     async def main():
         app = App(admission_header("polyhead", 1, 1, 60, 1.0))
-        gate = Gate(app)
-        app.release.set()
-        assert (await _call(gate))[0] == 200  # the app's limit is known from here on
-        app.release.clear()
+        gate = await _configured(app)
         held = asyncio.create_task(_call(gate))
         await asyncio.sleep(0.01)
         for client in [["10.0.0.1", 5555]] * 20 + [("10.0.0.1", 5556), None, None]:  # a list: as some servers give
@@ -212,10 +216,7 @@ def test_each_route_prefix_has_its_own_count_and_other_apps_are_never_gated():
 def test_a_limit_of_zero_turns_the_gate_off_and_refused_answers_do_not_count_as_served():
     async def main():
         app = App(admission_header("polyhead", 0, 1, 60, 1.0))
-        gate = Gate(app)
-        app.release.set()
-        await _call(gate)
-        app.release.clear()
+        gate = await _configured(app)
         held = [asyncio.create_task(_call(gate)) for _ in range(5)]
         await asyncio.sleep(0.01)
         assert app.calls == 6 and not gate.gates[""].admission.full
@@ -296,10 +297,7 @@ def test_admitted_requests_wait_while_connections_queue_so_a_burst_reaches_the_g
             lsock.listen(16)
             server = lsock.getsockname()
             app = App(admission_header("polyhead", 2, 1, 60, 1.0))
-            gate = Gate(app)
-            app.release.set()
-            assert await call(gate, server) == 200  # the app answers once: its limit (2) is known
-            app.release.clear()
+            gate = await _configured(app, server)  # the app answers once: its limit (2) is known
             clients = [socket.create_connection(server) for _ in range(3)]  # a burst still in the kernel's queue
             admitted = [asyncio.create_task(call(gate, server)) for _ in range(2)]
             for _ in range(20):
@@ -330,10 +328,7 @@ def test_an_app_with_accept_hold_0_passes_admitted_requests_on_while_connections
             lsock.listen(16)
             server = lsock.getsockname()
             app = App(admission_header("polyhead", 2, 1, 60, 1.0, hold_s=0))
-            gate = Gate(app)
-            app.release.set()
-            assert (await _call(gate, server=server))[0] == 200  # its config (hold 0) is known
-            app.release.clear()
+            gate = await _configured(app, server)  # its config (hold 0) is known
             clients = [socket.create_connection(server) for _ in range(3)]  # still in the kernel's queue
             admitted = asyncio.create_task(_call(gate, server=server))
             for _ in range(20):
