@@ -12,16 +12,25 @@ rows there (idle time does not count, so a quiet spell does not make the model l
 
 A client that honours it (the openai client does, up to 60 s) comes back when there is room for it, so refused
 clients return spread over the time the model needs to serve them instead of all at once every second, and the
-model keeps the CPU it needs for the rows it accepted. Where no row has completed in the window (cold start, a
-stalled model) the advice is `min_s`.
+model keeps the CPU it needs for the rows it accepted. Where the window holds less than `min_busy_s` of busy
+time (a start, a burst after a quiet spell, a stalled model) the rate is not known yet and the advice is `min_s`:
+the first calls of a burst come back one batch at a time and, after a start, run cold, so a rate measured over
+them is far too low (`make serve`, 120 clients at once: one row answered after 0.14 s of work, 7 rows/s, and
+clients were advised 43 s; the model then completed a few hundred rows a second).
 
 `recent_refusals` counts clients, not refusals: a connection (the caller's key, the ASGI scope's client address)
 refused again within the advice counts once. Counting every refusal ran away: clients that retry at once
 without waiting (thousands of refusals a second) made the advice grow, a larger advice kept more refusals
 counted, and it reached `max_s` and stayed there for a minute after the flood, telling every well-behaved client
 to wait 60 s (serve_load, 128 tokens, after its flood levels: every refusal of the overload run advised 60 s,
-goodput at 4x overload 0.44x and 0.95x of peak; counting clients, 2 s and 1.17x). A refusal without a key counts
-as a client of its own.
+goodput at 4x overload 0.44x and 0.95x of peak; counting clients, 2 s and 1.17x).
+
+A client that opens a new connection for every retry (a script calling `requests.post` in a loop) is a new
+connection each time, so one host counts at most MAX_WAITING_PER_HOST connections: without that bound, 20 such
+clients retrying at once got 100 clients that honour it advised up to 51-60 s (`make serve`, short texts; with
+the bound and min_busy_s, 1-2 s throughout). The bound keeps the advice at most
+(pending_rows + hosts x MAX_WAITING_PER_HOST) / rate. Refusals without a key (a Unix socket) each count as a
+client, all of one host.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from contextvars import ContextVar
 from typing import Callable, Hashable
 
 MAX_TRACKED_CLIENTS = 100_000  # refused clients remembered at once (the oldest are forgotten first)
+MAX_WAITING_PER_HOST = 256  # refused connections of one host the advice counts (see the module's docstring)
 
 
 def client_key(scope: dict) -> tuple | None:
@@ -40,6 +50,16 @@ def client_key(scope: dict) -> tuple | None:
     scope; None where the server gives none (a Unix socket)."""
     client = scope.get("client")
     return tuple(client) if client else None
+
+
+_ANONYMOUS = object()  # first item of the key a refusal without a client key is counted under
+
+
+def _host(key: Hashable) -> Hashable:
+    """The host a refused client's key belongs to: a (host, port) key's host; a keyless refusal's, None."""
+    if isinstance(key, tuple) and key:
+        return None if key[0] is _ANONYMOUS else key[0]
+    return key
 
 
 _CLIENT: ContextVar[tuple | None] = ContextVar("polyhead_client", default=None)
@@ -57,25 +77,28 @@ def current_client() -> tuple | None:
 
 class Admission:
     def __init__(self, max_pending_rows: int, min_retry_s: int, max_retry_s: int, window_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 min_busy_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
         if max_retry_s < min_retry_s:
             raise ValueError(f"max_retry_s ({max_retry_s}) is below min_retry_s ({min_retry_s})")
         self.max_pending_rows = max_pending_rows
         self.min_retry_s, self.max_retry_s = min_retry_s, max_retry_s
-        self.window_s = window_s
+        self.window_s, self.min_busy_s = window_s, min_busy_s
         self.clock = clock
         self.pending_rows = 0  # rows sent to the model and not answered yet
         self._completed: deque[tuple[float, int]] = deque()  # (time, rows) of answered calls, last window_s
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) of spells with rows pending, last window_s
         self._busy_since: float | None = None  # start of the current spell, None while nothing is pending
         self._refused: OrderedDict[Hashable, float] = OrderedDict()  # client -> its last refusal, oldest first
+        self._per_host: dict[Hashable, int] = {}  # host -> its clients in _refused
+        self._counted = 0  # clients the advice counts: sum over hosts of min(its clients, MAX_WAITING_PER_HOST)
         self._anonymous = itertools.count()  # keys of refusals without a client key
         self._advice = min_retry_s  # the last Retry-After given
 
     @property
     def refused_clients(self) -> int:
-        """Clients refused within the current advice (each counted once), as the next advice counts them."""
-        return len(self._refused)
+        """Clients refused within the current advice (each counted once, at most MAX_WAITING_PER_HOST per
+        host), as the next advice counts them."""
+        return self._counted
 
     @property
     def full(self) -> bool:
@@ -98,8 +121,8 @@ class Admission:
             self._busy_since = None
 
     def rows_per_s(self) -> float | None:
-        """Rows completed per second of busy time (rows pending) over the last window_s; None before any
-        completed in it."""
+        """Rows completed per second of busy time (rows pending) over the last window_s; None while it holds
+        no completed row or less than min_busy_s of busy time."""
         now = self.clock()
         start = now - self.window_s
         while self._completed and self._completed[0][0] < start:
@@ -110,7 +133,9 @@ class Admission:
             return None
         spells = list(self._busy) + ([(self._busy_since, now)] if self._busy_since is not None else [])
         busy = sum(end - max(begin, start) for begin, end in spells)
-        return sum(rows for _, rows in self._completed) / max(busy, 1e-3)
+        if busy < self.min_busy_s:
+            return None
+        return sum(rows for _, rows in self._completed) / busy
 
     def refuse(self, client: Hashable | None = None) -> int:
         """Record a refused request of `client` (a connection's key; None: a client of its own); the
@@ -118,16 +143,31 @@ class Admission:
         now = self.clock()
         refused = self._refused
         while refused and next(iter(refused.values())) < now - self._advice:
-            refused.popitem(last=False)  # a client that honours the advice is back by now: counted once
-        key = ("anonymous", next(self._anonymous)) if client is None else client
+            self._forget(refused.popitem(last=False)[0])  # a client that honours the advice is back by now
+        key = (_ANONYMOUS, next(self._anonymous)) if client is None else client
+        if key not in refused:
+            host = _host(key)
+            self._per_host[host] = self._per_host.get(host, 0) + 1
+            if self._per_host[host] <= MAX_WAITING_PER_HOST:
+                self._counted += 1
         refused[key] = now
         refused.move_to_end(key)
         if len(refused) > MAX_TRACKED_CLIENTS:
-            refused.popitem(last=False)
+            self._forget(refused.popitem(last=False)[0])
         rate = self.rows_per_s()
         if rate is None:
             self._advice = self.min_retry_s
         else:
-            wanted = math.ceil((self.pending_rows + len(refused)) / rate)
+            wanted = math.ceil((self.pending_rows + self._counted) / rate)
             self._advice = min(self.max_retry_s, max(self.min_retry_s, wanted))
         return self._advice
+
+    def _forget(self, key: Hashable) -> None:
+        host = _host(key)
+        left = self._per_host[host] - 1
+        if left < MAX_WAITING_PER_HOST:
+            self._counted -= 1
+        if left:
+            self._per_host[host] = left
+        else:
+            del self._per_host[host]

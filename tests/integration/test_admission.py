@@ -1,9 +1,12 @@
 """serving/app/admission.py without Ray: the admission limit and the Retry-After it advises, on a fake clock."""
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 
-from serving.app.admission import Admission
+from serving.app.admission import MAX_WAITING_PER_HOST, Admission
 from serving.app.config import ServeConfig
 
 
@@ -90,6 +93,47 @@ def test_a_flood_of_immediate_retries_leaves_no_long_advice_behind():
     assert adm.refuse(("10.0.0.3", 1234)) == 2
 
 
+def test_a_host_that_reconnects_for_every_retry_counts_at_most_its_bound():
+    """Clients that open a new connection for every retry and never wait (1000 refusals a second from one host,
+    each from a new port, for 30 s) count at most MAX_WAITING_PER_HOST: the advice stays bounded, and clients of
+    other hosts still count each."""
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
+    served(adm, clock, rows_per_s=50, seconds=10)
+    adm.admit(64)
+    ports = itertools.count(1024)
+    seen = set()
+    for step in range(3000):
+        for _ in range(10):
+            seen.add(adm.refuse(("10.0.0.9", next(ports))))
+        clock.t += 0.01
+        if step % 2:
+            adm.done(1)
+            adm.admit(1)
+    bound = math.ceil((64 + MAX_WAITING_PER_HOST) / 50)  # 7 s, where counting connections reached the 60 s cap
+    assert max(seen) == bound
+    assert adm.refused_clients == MAX_WAITING_PER_HOST
+    for i in range(50):  # 50 clients of 50 other hosts: each counts
+        adm.refuse((f"10.0.1.{i}", 40000))
+    assert adm.refused_clients == MAX_WAITING_PER_HOST + 50
+    assert adm.refuse() == math.ceil((64 + MAX_WAITING_PER_HOST + 51) / 50)
+
+
+def test_a_host_counts_again_as_its_clients_age_out():
+    clock = Clock()
+    adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
+    served(adm, clock, rows_per_s=100, seconds=5)
+    adm.admit(64)
+    for port in range(MAX_WAITING_PER_HOST + 100):
+        adm.refuse(("10.0.0.9", port))
+    assert adm.refused_clients == MAX_WAITING_PER_HOST
+    advice = adm.refuse(("10.0.0.9", 1))  # refused again: counted once, still the bound
+    assert advice == math.ceil((64 + MAX_WAITING_PER_HOST) / 100)
+    served(adm, clock, rows_per_s=100, seconds=advice + 1)  # every refusal older than the advice: none counts
+    assert adm.refuse(("10.0.0.9", 99999)) == 1  # (64 + 1) / 100 rows/s
+    assert adm.refused_clients == 1
+
+
 def test_advice_stays_within_its_bounds():
     clock = Clock()
     adm = Admission(64, min_retry_s=1, max_retry_s=5, clock=clock)
@@ -105,15 +149,41 @@ def test_advice_stays_within_its_bounds():
 def test_idle_time_does_not_make_the_model_look_slow():
     clock = Clock()
     adm = Admission(64, min_retry_s=1, max_retry_s=60, clock=clock)
-    for _ in range(5):  # one row every 2 s, each answered in 50 ms: 20 rows per busy second
+    for _ in range(24):  # one row every 0.4 s, each answered in 50 ms: 20 rows per busy second
         adm.admit(1)
         clock.t += 0.05
         adm.done(1)
-        clock.t += 1.95
+        clock.t += 0.35
     assert adm.rows_per_s() == pytest.approx(20)
     adm.admit(64)
     clock.t += 0.01
-    assert adm.refuse() == 4  # (64 + 1) / 20 rows/s, not 65 rows / 10 s
+    assert adm.refuse() == 4  # (64 + 1) / 20 rows/s, not 65 rows / 9.6 s
+
+
+def test_a_rate_is_not_trusted_before_a_second_of_work():
+    """A burst right after a start: the first row comes back after 0.14 s of work (7 rows/s) while the model
+    is about to complete hundreds a second; until the window holds min_busy_s of busy time the advice is the
+    minimum, then it follows the measured rate."""
+    clock = Clock()
+    adm = Admission(48, min_retry_s=1, max_retry_s=60, min_busy_s=1.0, clock=clock)
+    adm.admit(48)
+    clients = [("10.0.0.2", port) for port in range(256)]
+    clock.t += 0.14
+    adm.done(1)
+    adm.admit(1)
+    assert [adm.refuse(c) for c in clients] == [1] * 256  # (48 + 256) / 7 rows/s would be 44 s
+    for _ in range(42):  # an 8-row batch every 0.02 s: 337 rows in 0.98 s of busy time
+        clock.t += 0.02
+        adm.done(8)
+        adm.admit(8)
+    assert adm.rows_per_s() is None
+    for _ in range(2):
+        clock.t += 0.02
+        adm.done(8)
+        adm.admit(8)
+    assert adm.rows_per_s() == pytest.approx(353 / 1.02)
+    adm.admit(1000)  # now the advice follows the rate: (1048 + 256) / 346 rows/s
+    assert [adm.refuse(c) for c in clients][-1] == 4
 
 
 def test_rows_the_model_did_not_answer_leave_the_rate_alone():
