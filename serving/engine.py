@@ -28,6 +28,7 @@ from .batch import BatchPlan
 from .bottleneck import Configs, attach_bottleneck
 from .errors import RequestError
 from .heads import head_logits, mean_pool
+from .sentence import SentencePipeline, read_sentence_pipeline
 from .layers import GROUP_IA3, GROUP_PLAIN, GROUP_PREFIX, GROUP_PROMPT, ForwardState, attach_linear
 from .slots import SlotPool
 
@@ -122,6 +123,7 @@ class Engine:
         self._workspace: dict = {}  # kernels' scratch buffers, reused by every forward (under the lock)
         self.forwards = 0
         self.body_rows = 0  # rows the body ran for (multi-task rows sharing a body count once)
+        self.sentence = SentencePipeline()  # what /v1/embeddings serves on top of `embedding` (from_pretrained reads it)
 
     @classmethod
     def from_pretrained(cls, base_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -143,8 +145,10 @@ class Engine:
                 tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
             except (OSError, ValueError):
                 tokenizer = None
-        return cls(model, tokenizer, causal=causal, device=torch.device(device), dtype=torch_dtype,
-                   max_slots=max_slots, **limits)
+        engine = cls(model, tokenizer, causal=causal, device=torch.device(device), dtype=torch_dtype,
+                     max_slots=max_slots, **limits)
+        engine.sentence = read_sentence_pipeline(base_dir)
+        return engine
 
     # adapters -----------------------------------------------------------------------------
 

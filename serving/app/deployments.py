@@ -331,6 +331,7 @@ class ModelServer:
         eng = self.engine
         return {"model_name": self.cfg.resolved_model_name(), "max_tokens": eng.max_tokens,
                 "hidden_size": eng.schema.hidden_size, "vocab_size": eng.schema.vocab_size, "causal": eng.causal,
+                "embedding_normalize": eng.sentence.normalize, "embedding_unsupported": eng.sentence.unsupported,
                 "dtype": str(eng.dtype).removeprefix("torch."),
                 "draining": self.draining, "probes": self.probes}
 

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, check_name, parse_ref
 
+from ..sentence import unit_length
 from .admission import Admission, current_client, set_client
 from .coalesce import Coalescer
 from .config import ServeConfig
@@ -87,6 +88,7 @@ class EmbeddingsBody(_Body):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    normalize: bool | None = None  # unit-length vectors; None: as the base's sentence-transformers config says
 
 
 class AdapterBody(_Body):
@@ -531,6 +533,9 @@ class Ingress:
         self._check_counts(len(inputs), 1)
         (_, name), = self._adapters([body.model])
         info = await self._model_info()
+        if info.get("embedding_unsupported"):
+            raise ApiError(422, info["embedding_unsupported"], "unsupported_embedding")
+        normalize = info.get("embedding_normalize", True) if body.normalize is None else body.normalize
         if body.dimensions is not None and body.dimensions != info["hidden_size"]:
             raise ApiError(422, f"dimensions={body.dimensions}: this model gives {info['hidden_size']} dimensions",
                            "invalid_field")
@@ -552,6 +557,8 @@ class Ingress:
         data = []
         for i, res in enumerate(results):
             emb = res["embedding"]
+            if normalize:
+                emb = unit_length(emb)
             if body.encoding_format == "base64":
                 emb = base64.b64encode(np.asarray(emb, dtype="<f4").tobytes()).decode("ascii")
             data.append({"object": "embedding", "index": i, "embedding": emb})

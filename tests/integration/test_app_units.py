@@ -480,6 +480,46 @@ def test_ready_maps_a_full_queue_and_an_unavailable_model():
     assert _ready(_ready_ingress(_Response(gone))) == (503, "unavailable")
 
 
+# embeddings, without Ray -----------------------------------------------------------------------
+
+def _post(path: str, body: dict):
+    """A Starlette request carrying a JSON body."""
+    import json
+
+    from starlette.requests import Request
+
+    raw = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": path, "client": ("127.0.0.1", 40000),
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]},
+                   receive)
+
+
+def test_embeddings_of_a_base_whose_pipeline_polyhead_cannot_follow_are_refused_before_any_model_work():
+    """A base whose sentence-transformers pooling is not the mean (here CLS): /v1/embeddings answers 422 with the
+    reason the model replica gave, and sends nothing to the model."""
+    import asyncio
+
+    from serving.app.http import ApiError
+
+    ingress = _ingress(None)
+    ingress.base_name = "base"
+    why = "this base model's embedding cannot be served: its sentence-transformers pooling is cls_token; ..."
+    ingress._info = {"max_tokens": 512, "hidden_size": 384, "vocab_size": 30522, "embedding_normalize": True,
+                     "embedding_unsupported": why}
+
+    async def no_model_work(*args, **kwargs):
+        raise AssertionError("the model was asked")
+
+    ingress._run_rows = no_model_work
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ingress._embeddings(_post("/v1/embeddings", {"model": "base", "input": "hello"})))
+    assert (err.value.status, err.value.code, err.value.message) == (422, "unsupported_embedding", why)
+
+
 # engine thread priority -----------------------------------------------------------------------
 
 def test_lower_thread_priority_changes_the_calling_thread_only_and_is_inherited():

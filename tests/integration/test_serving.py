@@ -23,6 +23,12 @@ def alone(engine, adapter, text):
     return engine.infer([Request(adapter=adapter, text=text)])[0]
 
 
+def sentence_vector(engine, adapter, text):
+    """What /v1/embeddings gives by default for the bundled MiniLM: the engine's mean-pooled embedding of the row
+    alone, then unit length (its sentence-transformers pipeline ends with Normalize)."""
+    return torch.nn.functional.normalize(alone(engine, adapter, text).embedding, dim=0)
+
+
 def close(served, expected, atol=2e-4):
     torch.testing.assert_close(torch.tensor(served, dtype=torch.float32), expected, atol=atol, rtol=1e-4)
 
@@ -132,7 +138,7 @@ def test_openai_client_gets_the_engines_embeddings(server, engine):
         out = oa.embeddings.create(model=model, input=TEXTS[:3])  # base64 on the wire (the client's default)
         assert [d.index for d in out.data] == [0, 1, 2]
         for d, text in zip(out.data, TEXTS):
-            close(d.embedding, alone(engine, adapter, text).embedding)
+            close(d.embedding, sentence_vector(engine, adapter, text))
         assert out.usage.prompt_tokens > 0
 
 
@@ -141,10 +147,35 @@ def test_embeddings_float_format_and_token_ids(client, engine):
     r = client.post("/v1/embeddings", json={"model": "emb", "input": [TEXTS[0]], "encoding_format": "float"})
     r2 = client.post("/v1/embeddings", json={"model": "emb", "input": ids})
     assert r.status_code == 200 and r2.status_code == 200, (r.text, r2.text)
-    expected = alone(engine, "emb", TEXTS[0]).embedding
+    expected = sentence_vector(engine, "emb", TEXTS[0])
     close(r.json()["data"][0]["embedding"], expected)
     close(r2.json()["data"][0]["embedding"], expected)
     assert r.json()["object"] == "list" and r.json()["data"][0]["object"] == "embedding"
+
+
+def test_embeddings_are_the_sentence_transformers_vectors_unless_normalize_is_false(client, fixtures):
+    """The reference: the minilm base case's mean-pooled last hidden state (transformers' BertModel, computed by
+    the fixtures' script), then unit length as sentence-transformers' Normalize module makes it. With
+    "normalize": false the route gives the mean-pooled vector itself."""
+    from safetensors.torch import load_file
+
+    expected = load_file(str(fixtures / "cases" / "minilm_none" / "expected.safetensors"))
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(expected["input_ids"], expected["attention_mask"])]
+    for normalize, want in ((None, torch.nn.functional.normalize(expected["embedding"], dim=1)),
+                            (True, torch.nn.functional.normalize(expected["embedding"], dim=1)),
+                            (False, expected["embedding"])):
+        body = {"model": "all-MiniLM-L6-v2", "input": rows}
+        if normalize is not None:
+            body["normalize"] = normalize
+        r = client.post("/v1/embeddings", json=body)
+        assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        norms = got.norm(dim=1)
+        if normalize is False:
+            assert norms.min() > 2, norms  # the raw means are far from unit length (else this checks little)
+        else:
+            assert (norms - 1).abs().max() < 1e-5, norms
 
 
 def test_metrics_count_what_was_sent(client):
@@ -334,7 +365,7 @@ def test_rays_proxy_serves_the_same_app_one_hop_further(proxy, engine):
             close(item["logits"], alone(engine, item["model"], TEXTS[item["index"]]).logits)
         r = c.post("/v1/embeddings", json={"model": "emb", "input": TEXTS[2]})
         assert r.status_code == 200, r.text
-        close(r.json()["data"][0]["embedding"], alone(engine, "emb", TEXTS[2]).embedding)
+        close(r.json()["data"][0]["embedding"], sentence_vector(engine, "emb", TEXTS[2]))
         r = c.post("/v1/tag", json={"model": "ner", "input": TEXTS[1]})
         assert r.status_code == 200, r.text
         assert spans(r.json()["data"][0]["entities"]) == spans(expected_entities(engine, "ner", TEXTS[1]))

@@ -1,0 +1,97 @@
+"""What a base model's embedding is, as its sentence-transformers config defines it.
+
+A sentence-transformers model folder (the bundled all-MiniLM-L6-v2 is one) lists its pipeline in `modules.json`:
+the transformer, then a `Pooling` module (its `config.json` names the pooling mode), often a `Normalize` module
+(unit-length vectors), sometimes more (`Dense`, `LayerNorm`). The engine pools by the mean over each row's real
+tokens (`Engine` results' `embedding`); /v1/embeddings serves what the pipeline defines on top of it:
+
+- mean pooling, then Normalize where the pipeline has it (all-MiniLM-L6-v2: unit-length vectors, as
+  `SentenceTransformer.encode` gives them);
+- a folder without `modules.json` (a plain transformers model): mean pooling, normalised, as OpenAI's embeddings;
+- a pipeline polyhead cannot compute (another pooling mode, a `Dense` layer, an unreadable config):
+  `unsupported` says why, and the route refuses with it rather than answer a different vector.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+MEAN = "pooling_mode_mean_tokens"
+POOLING_MODES = (  # the modes sentence-transformers' Pooling config can switch on
+    "pooling_mode_cls_token", MEAN, "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken",
+)
+MAX_CONFIG_BYTES = 1 << 20  # a modules.json or pooling config.json larger than this is not a config
+
+
+@dataclass(frozen=True)
+class SentencePipeline:
+    normalize: bool = True  # unit-length vectors by default (a request's "normalize" may say otherwise)
+    unsupported: str | None = None  # why /v1/embeddings cannot give this base's embedding, if it cannot
+    source: str = "default"  # "sentence-transformers" when read from modules.json
+
+
+def read_sentence_pipeline(base_dir: str | Path) -> SentencePipeline:
+    """The embedding pipeline of the model folder `base_dir` (see the module's docstring)."""
+    base = Path(base_dir)
+    if not (base / "modules.json").is_file():
+        return SentencePipeline()
+    try:
+        modules = _read_json(base / "modules.json")
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise ValueError("modules.json is not a list of modules")
+        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in sorted(modules, key=_index)]
+        pooling = [m for m in modules if str(m.get("type", "")).endswith(".Pooling")]
+        others = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+        if others:
+            return _unsupported(f"its sentence-transformers pipeline has {', '.join(others)} modules")
+        if len(pooling) != 1 or kinds.index("Pooling") != 1 or kinds[0] != "Transformer":
+            return _unsupported(f"its sentence-transformers pipeline is {' -> '.join(kinds) or 'empty'}, "
+                                "not Transformer -> Pooling [-> Normalize]")
+        path = _inside(base, str(pooling[0].get("path", "")))
+        config = _read_json(path / "config.json")
+        if not isinstance(config, dict):
+            raise ValueError("the Pooling config is not an object")
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        return _unsupported(f"its sentence-transformers config cannot be read: {exc}")
+    modes = [mode for mode in POOLING_MODES if config.get(mode) is True]
+    unknown = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and k not in POOLING_MODES and v)
+    if unknown or modes != [MEAN]:
+        named = ", ".join(m.removeprefix("pooling_mode_") for m in modes + unknown) or "none"
+        return _unsupported(f"its sentence-transformers pooling is {named}; polyhead pools by the mean of the tokens")
+    normalize = "Normalize" in kinds
+    if normalize and kinds[-1] != "Normalize":
+        return _unsupported("its sentence-transformers pipeline normalises before its last module")
+    return SentencePipeline(normalize=normalize, source="sentence-transformers")
+
+
+def _unsupported(why: str) -> SentencePipeline:
+    return SentencePipeline(unsupported=f"this base model's embedding cannot be served: {why}",
+                            source="sentence-transformers")
+
+
+def _index(module: dict) -> int:
+    idx = module.get("idx", 0)
+    return idx if isinstance(idx, int) else 0
+
+
+def _inside(base: Path, relative: str) -> Path:
+    """base/relative, refused when it leaves base (a config names folders inside the model's own)."""
+    path = (base / relative).resolve()
+    if path != base.resolve() and base.resolve() not in path.parents:
+        raise ValueError(f"module path {relative!r} is outside the model folder")
+    return path
+
+
+def _read_json(path: Path):
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path.name} is over {MAX_CONFIG_BYTES} bytes")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def unit_length(vector: list[float]) -> list[float]:
+    """`vector` scaled to length 1 (sentence-transformers' Normalize); a zero vector stays zero."""
+    norm = math.sqrt(math.fsum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 1e-12 else list(vector)
