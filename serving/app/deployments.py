@@ -128,7 +128,7 @@ class ModelServer:
                 load_s = await self._ensure_loaded(found)
             except LookupError:
                 self._drop_gone(ref)
-                return row_error("adapter_not_found", f"unknown model {ref!r}")
+                return row_error("model_not_found", f"unknown model {ref!r}")
             except AdapterError as exc:
                 return row_error("adapter_invalid", f"adapter {ref!r} cannot be loaded: {exc}")
             loaded = self._heads[key]  # no await since _ensure_loaded: still loaded
@@ -200,7 +200,7 @@ class ModelServer:
             item = dict(info, task=res.task, labels=list(res.labels) if res.labels else None)
             if res.error is not None:
                 if self._gone(row):  # removed while the row waited: name what the client asked for, not the key
-                    item.update(row_error("adapter_not_found", f"unknown model {row.get('adapter')!r} (removed)"))
+                    item.update(row_error("model_not_found", f"unknown model {row.get('adapter')!r} (removed)"))
                 else:
                     item.update(row_error("invalid_input", res.error))
             elif row.get("need") == "embedding":
@@ -277,7 +277,7 @@ class ModelServer:
 
     async def remove_adapter(self, ref: str, drain_timeout_s: float = 30.0) -> bool:
         """Remove `name` (every version, and a static entry) or `name@N` from the registry at once (later
-        rows get adapter_not_found), let the rows already admitted finish (up to drain_timeout_s), then
+        rows get model_not_found), let the rows already admitted finish (up to drain_timeout_s), then
         unload what was removed from the engine. False if nothing was registered under `ref`."""
         try:
             name, version = parse_ref(ref)

@@ -42,7 +42,7 @@ from .tagging import merge_entities
 from .tokens import TextEncoder
 
 ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
-    "adapter_not_found": (404, "not_found_error"),
+    "model_not_found": (404, "not_found_error"),
     "wrong_task": (422, "invalid_request_error"),
     "adapter_invalid": (422, "invalid_request_error"),
     "invalid_input": (422, "invalid_request_error"),
@@ -382,7 +382,7 @@ class Ingress:
         for res, name in zip(results, names):
             if res.get("error"):
                 status, _ = ROW_CODES.get(res["code"], (422, ""))
-                adapter = "unknown" if res["code"] == "adapter_not_found" else adapter_label(name)
+                adapter = "unknown" if res["code"] == "model_not_found" else adapter_label(name)
                 raise ApiError(status, res["error"], res["code"], adapter=adapter)
         return results
 

@@ -191,7 +191,7 @@ def test_metrics_count_what_was_sent(client):
     assert delta("polyhead_requests_total", route="classify", code="200") == 3
     assert delta("polyhead_requests_total", route="classify", code="404") == 1
     assert delta("polyhead_rows_total", route="classify", adapter="cls-b") == 3
-    assert delta("polyhead_errors_total", route="classify", adapter="unknown", type="adapter_not_found") == 1
+    assert delta("polyhead_errors_total", route="classify", adapter="unknown", type="model_not_found") == 1
     assert delta("polyhead_request_seconds_count", route="classify") == 4
     assert delta("polyhead_queue_seconds_count", route="classify") == 3  # the rows that ran in a batch
     assert delta("polyhead_batch_size_sum") == 3  # the model replica's batches held exactly these rows
@@ -245,7 +245,7 @@ def test_deleting_an_adapter_in_use_does_not_break_running_requests(server, clie
     assert 200 in codes  # the rows admitted before the delete were served
     for r in responses:
         if r.status_code == 404:
-            assert r.json()["error"]["code"] == "adapter_not_found"
+            assert r.json()["error"]["code"] == "model_not_found"
     gone = client.post("/v1/classify", json={"model": "victim", "input": "x"})
     assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
     assert client.delete("/v1/adapters/victim", headers=admin_headers).status_code == 404
@@ -370,7 +370,7 @@ def test_rays_proxy_serves_the_same_app_one_hop_further(proxy, engine):
         assert r.status_code == 200, r.text
         assert spans(r.json()["data"][0]["entities"]) == spans(expected_entities(engine, "ner", TEXTS[1]))
         r = c.post("/v1/classify", json={"model": "nope", "input": "x"})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_an_operator_drain_makes_ready_503_while_requests_are_still_served(client):
@@ -436,7 +436,7 @@ def test_versions_latest_and_pinned_are_served_side_by_side_then_deleted(client,
     assert r.status_code == 200, r.text
     for model in ("ver", "ver@1", "ver@2"):
         r = client.post("/v1/classify", json={"model": model, "input": text})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
     assert client.delete("/v1/adapters/ver", headers=admin_headers).status_code == 404
     assert "ver" not in [a["name"] for a in client.get("/v1/adapters", headers=admin_headers).json()["data"]]
 
@@ -465,7 +465,7 @@ def test_a_version_published_into_the_store_elsewhere_is_picked_up(client, engin
     time.sleep(0.3)
     for model in ("shared", "shared@1"):
         r = client.post("/v1/classify", json={"model": model, "input": text})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
 
 
 def test_serve_replicas_run_throughput_optimized_and_this_process_does_not(server, client):
