@@ -12,8 +12,9 @@ rename: a version's files go under its prefix and a `COMMITTED` object (holding 
 written last; readers ignore versions without it. Versions of an fsspec store resolve to a local
 copy, downloaded once into a cache keyed by sha256 and verified against it.
 
-`polyhead.json` records name, version, format, kind, labels, created time, each file's size and sha256,
-and the overall sha256: the sha256 of the lines "<file sha256>  <file name>\\n" sorted by file name.
+`polyhead.json` records name, version, format, kind, labels (given when added), its head (task and the labels
+it answers, null without one; versions added before this field have none), created time, each file's size and
+sha256, and the overall sha256: the sha256 of the lines "<file sha256>  <file name>\\n" sorted by file name.
 """
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ class AdapterVersion:
     version: int
     path: Path  # a local folder holding the adapter's files (a verified cached copy for fsspec stores)
     sha256: str  # over all files, see the module docstring
-    labels: tuple[str, ...] | None
+    labels: tuple[str, ...] | None  # given when added (overriding the adapter's own)
     created: float  # Unix time of publishing
+    task: str | None = None  # its head's task (seq_cls, multilabel, token_cls); None: no head, or not recorded
+    head_labels: tuple[str, ...] | None = None  # the labels its head answers (the given ones, else its own)
 
     @property
     def ref(self) -> str:
@@ -171,6 +174,7 @@ class AdapterStore:
         meta = {
             "name": name, "version": None, "format": spec.format, "kind": spec.kind,
             "labels": list(labels) if labels is not None else None, "created": None, "files": {}, "sha256": None,
+            "head": None if spec.head is None else {"task": spec.head.task, "labels": list(spec.head.labels or ())},
         }
         total = sum(s.st_size for s in stats.values())
         with _progress_bar(total, f"adding {name}", progress) as bar:
@@ -546,12 +550,18 @@ def _parse_meta(data: bytes, where: str) -> dict:
         and isinstance(meta.get("sha256"), str) and SHA_RE.fullmatch(meta["sha256"])
         and meta["sha256"] == combined_sha256({f: m["sha256"] for f, m in files.items()})
         and isinstance(meta.get("created"), (int, float))
-        and (meta.get("labels") is None
-             or (isinstance(meta["labels"], list) and all(isinstance(x, str) for x in meta["labels"])))
+        and _strings_or_none(meta.get("labels"))
+        and (meta.get("head") is None
+             or (isinstance(meta["head"], dict) and isinstance(meta["head"].get("task"), str)
+                 and _strings_or_none(meta["head"].get("labels"))))
     )
     if not ok:
         raise AdapterError(f"{where}: malformed store metadata")
     return meta
+
+
+def _strings_or_none(value) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(x, str) for x in value))
 
 
 def _entry(path: Path, meta: dict, name: str, version: int) -> AdapterVersion:
@@ -559,5 +569,7 @@ def _entry(path: Path, meta: dict, name: str, version: int) -> AdapterVersion:
         raise AdapterError(f"{path}: metadata names {meta.get('name')!r}@{meta.get('version')!r}, "
                            f"stored as {name}@{version}")
     labels = tuple(meta["labels"]) if meta.get("labels") is not None else None
+    head = meta.get("head") or {}
     return AdapterVersion(name=name, version=version, path=path, sha256=meta["sha256"], labels=labels,
-                          created=float(meta["created"]))
+                          created=float(meta["created"]), task=head.get("task"),
+                          head_labels=tuple(head["labels"]) if head.get("labels") else None)

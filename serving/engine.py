@@ -152,11 +152,16 @@ class Engine:
 
     # adapters -----------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: str | Path, labels: list[str] | None = None) -> AdapterSpec:
-        """Validate the adapter folder and make it resident; a name loaded again is replaced."""
+    def validate_adapter(self, name: str, path: str | Path, labels: list[str] | None = None) -> AdapterSpec:
+        """Read and validate the adapter folder against this engine's base and limits, without loading it."""
         spec = load_adapter_dir(path, self.schema, name=name, max_rank=self.max_rank, labels=labels,
                                 limits=self.limits)
         self._check_limits(spec, path)
+        return spec
+
+    def load_adapter(self, name: str, path: str | Path, labels: list[str] | None = None) -> AdapterSpec:
+        """Validate the adapter folder and make it resident; a name loaded again is replaced."""
+        spec = self.validate_adapter(name, path, labels)
         with self._lock:
             self._specs[name] = spec
             self._bodies.pop(name, None)

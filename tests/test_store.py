@@ -136,6 +136,31 @@ def test_labels_stored_and_returned(tmp_path, schema):
     assert json.loads((v.path / "polyhead.json").read_text())["labels"] == ["a", "b", "c"]
 
 
+def test_the_head_is_recorded_so_a_listing_knows_its_task_without_loading(tmp_path, schema):
+    store = AdapterStore(tmp_path / "store")
+    store.add("tagger", lora(tmp_path, schema, head="TOKEN_CLS", num_labels=3), schema=schema, labels=["O", "B", "I"])
+    store.add("body", make_lora(tmp_path / "body", schema, seed=5), schema=schema)
+    store.add("plain", make_lora(tmp_path / "plain", schema, seed=6, head="SEQ_CLS", num_labels=2), schema=schema)
+    got = {v.name: (v.task, v.head_labels, v.labels) for v in store.list()}
+    assert got == {"tagger": ("token_cls", ("O", "B", "I"), ("O", "B", "I")), "body": (None, None, None),
+                   "plain": ("seq_cls", ("LABEL_0", "LABEL_1"), None)}
+
+
+def test_versions_recorded_before_the_head_field_still_read(tmp_path, schema):
+    """A store written before polyhead.json had "head": its versions list and resolve, their task unknown."""
+    store = AdapterStore(tmp_path / "store")
+    v = store.add("cls", lora(tmp_path, schema, head="SEQ_CLS", num_labels=3), schema=schema)
+    meta_path = v.path / "polyhead.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["head"]
+    meta_path.write_text(json.dumps(meta))
+    assert (store.resolve("cls").task, store.resolve("cls").head_labels) == (None, None)
+    meta["head"] = {"task": 3, "labels": None}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="malformed store metadata"):
+        store.resolve("cls")
+
+
 @pytest.mark.parametrize("case", ["missing_weights", "pickle", "wrong_labels", "labels_without_head",
                                   "rank_over_max", "no_folder"])
 def test_bad_adapters_leave_nothing_behind(tmp_path, schema, case):

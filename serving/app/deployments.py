@@ -74,6 +74,7 @@ class ModelServer:
         static = {name: Source(name, s.path, tuple(s.labels) if s.labels else None) for name, s in cfg.adapters.items()}
         self.registry = Registry(store, static, ttl_s=cfg.store_ttl_s)
         self._heads: dict[str, Loaded] = {}  # engine key -> what is loaded under it
+        self._described: dict[str, dict] = {}  # static adapters' task and labels, read once (list_adapters)
         self._generations = itertools.count(1)
         self._loaded: dict[str, Resolved] = {}  # engine key -> what it was loaded from
         self._locks: dict[str, asyncio.Lock] = {}  # per engine key
@@ -312,15 +313,35 @@ class ModelServer:
                 self._record_engine(await self._on_engine(self.engine.stats))
 
     async def list_adapters(self) -> list[dict]:
-        """Per name: its latest version (None for a static entry), every version, where its files are, and
-        whether that latest version is loaded here (task and labels known once loaded)."""
+        """Per name: its latest version (None for a static entry), every version, where its files are, whether
+        that latest version is loaded here, and its head's task and labels: from the loaded head, else as the
+        store recorded them, else (a static entry) from validating its folder once."""
         out = []
         for entry in await asyncio.to_thread(self.registry.list):
             key = entry.pop("key")
             loaded = self._heads.get(key)
-            out.append(dict(entry, loaded=loaded is not None, task=loaded.task if loaded else None,
-                            labels=list(loaded.labels) if loaded and loaded.labels else entry["labels"]))
+            if loaded is not None:
+                entry.update(task=loaded.task, labels=list(loaded.labels) if loaded.labels else entry["labels"])
+            elif entry["version"] is None:
+                entry.update(await self._describe_static(key, entry))
+            out.append(dict(entry, loaded=loaded is not None))
         return out
+
+    async def _describe_static(self, key: str, entry: dict) -> dict:
+        """{"task", "labels"} of a static adapter that is not loaded, read once from its folder (validated as a
+        load would, on the engine thread: torch reads it); task None where the folder is not a valid adapter
+        (a request for it gets the reason)."""
+        if key not in self._described:
+            labels = entry["labels"]
+            try:
+                spec = await self._on_engine(self.engine.validate_adapter, key, entry["source"], labels)
+            except AdapterError:
+                self._described[key] = {"task": None, "labels": labels}
+            else:
+                head = spec.head
+                self._described[key] = {"task": head.task if head else None,
+                                        "labels": list(head.labels) if head and head.labels else labels}
+        return self._described[key]
 
     # introspection ------------------------------------------------------------------------
 

@@ -451,7 +451,8 @@ class Ingress:
     async def _list_models(self, request: Request):
         adapters = await self.model.list_adapters.remote()
         data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
-        data += [{"id": a["name"], "object": "model", "created": 0, "owned_by": "polyhead", "parent": self.base_name,
+        data += [{"id": a["name"], "object": "model", "created": int(a["created"] or 0), "owned_by": "polyhead",
+                  "parent": self.base_name,
                   "task": a["task"], "labels": a["labels"], "version": a["version"], "versions": a["versions"]}
                  for a in adapters]
         return JSONResponse({"object": "list", "data": data})

@@ -176,20 +176,23 @@ class Registry:
                 del self._cache[ref]
 
     def list(self) -> list[dict]:
-        """One entry per name: static entries, then the store's names with their latest version."""
+        """One entry per name: static entries, then the store's names with their latest version (its head's task
+        and labels as recorded when it was added; a static entry's are not known here: None)."""
         with self._lock:
             statics = sorted(self._static.values(), key=lambda s: s.name)
         out = {s.name: {"name": s.name, "version": None, "versions": [], "source": s.path,
-                        "labels": list(s.labels) if s.labels else None, "key": engine_key(s.name, None)}
+                        "labels": list(s.labels) if s.labels else None, "task": None, "created": None,
+                        "key": engine_key(s.name, None)}
                for s in statics}
         by_name: dict[str, list[AdapterVersion]] = {}
         for v in self.store.list():
             by_name.setdefault(v.name, []).append(v)
         for name, versions in sorted(by_name.items()):
             latest = max(versions, key=lambda v: v.version)
+            labels = latest.labels or latest.head_labels
             entry = out.setdefault(name, {"name": name, "version": latest.version, "source": str(latest.path),
-                                          "labels": list(latest.labels) if latest.labels else None,
-                                          "key": engine_key(name, latest.version)})
+                                          "labels": list(labels) if labels else None, "task": latest.task,
+                                          "created": latest.created, "key": engine_key(name, latest.version)})
             entry["versions"] = [v.version for v in versions]
         return [out[k] for k in sorted(out)]
 

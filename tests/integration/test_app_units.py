@@ -190,6 +190,8 @@ def test_registry_resolves_static_latest_and_pinned_and_picks_up_new_versions(tm
     assert len({latest.key, pinned.key, reg.resolve("st").key}) == 3
     listed = {e["name"]: e for e in reg.list()}
     assert listed["x"]["version"] == 2 and listed["x"]["versions"] == [1, 2] and listed["st"]["versions"] == []
+    # the store's versions carry their head as recorded when added; a static entry's is read by the replica
+    assert (listed["x"]["task"], listed["x"]["labels"], listed["st"]["task"]) == ("seq_cls", ["n", "y"], None)
     assert [r.version for r in reg.remove("x", 1)] == [1]
     with pytest.raises(UnknownAdapter):
         reg.resolve("x@1")

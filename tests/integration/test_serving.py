@@ -51,13 +51,20 @@ async def _post_all(base_url, calls):
         return await asyncio.gather(*[c.post(path, json=body) for path, body in calls])
 
 
-def test_ready_health_and_models_list(client):
+def test_ready_health_and_models_list(client, engine, adapter_dirs):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready"}
     body = client.get("/v1/models").json()
     ids = [m["id"] for m in body["data"]]
     assert body["object"] == "list" and ids[0] == "all-MiniLM-L6-v2"
     assert {"cls-a", "cls-b", "ml", "ner", "emb"} <= set(ids)
+    # every adapter's task and labels, whether a request has loaded it yet or not
+    listed = {m["id"]: (m["task"], m["labels"]) for m in body["data"][1:]}
+    assert {"cls-b", "ner-b"} <= set(listed)
+    for name in ("cls-a", "cls-b", "ml", "ner", "ner-b", "emb"):
+        head = engine.validate_adapter(name, adapter_dirs[name]).head
+        assert listed[name] == ((head.task, list(head.labels)) if head else (None, None)), name
+    assert listed["ner-b"][0] == "token_cls" and listed["ml"][0] == "multilabel" and listed["emb"] == (None, None)
 
 
 def test_concurrent_rows_for_different_adapters_share_a_batch_and_equal_the_engine_alone(server, client, engine):
