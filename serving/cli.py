@@ -94,12 +94,12 @@ def _run_adapters(args) -> int:
         found = store.add(args.name, args.path, schema=schema, labels=labels, max_rank=args.max_rank, progress=True)
         print(f"added {found.ref} sha256:{found.sha256} ({found.path})")
     elif args.action == "list":
-        rows = [(v.ref, v.sha256[:12], datetime.fromtimestamp(v.created).isoformat(" ", "seconds"),
-                 ",".join(v.labels) if v.labels else "-") for v in store.list()]
-        header = ("ADAPTER", "SHA256", "CREATED", "LABELS")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        rows = [(v.ref, v.sha256[:12], datetime.fromtimestamp(v.created).isoformat(" ", "seconds"), v.task or "-",
+                 ",".join(v.labels or v.head_labels or ()) or "-") for v in store.list()]
+        header = ("ADAPTER", "SHA256", "CREATED", "TASK", "LABELS")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
         for row in [header, *rows]:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+            print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
     else:
         name, version = parse_ref(args.ref)
         for removed in store.remove(name, version):

@@ -378,8 +378,8 @@ def test_cli_add_list_rm(tmp_path, schema, monkeypatch, capsys):
 
     assert main(["adapters", "list", "--store", store]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ADAPTER", "SHA256", "CREATED", "LABELS"]
-    assert [ln.split()[0] for ln in lines[1:]] == ["cli@1", "cli@2"] and lines[1].endswith("neg,pos")
+    assert lines[0].split() == ["ADAPTER", "SHA256", "CREATED", "TASK", "LABELS"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["cli@1", "cli@2"] and lines[1].split()[-2:] == ["seq_cls", "neg,pos"]
 
     assert main(["adapters", "rm", "cli@1", "--store", store]) == 0
     assert capsys.readouterr().out == "removed cli@1\n"
