@@ -38,7 +38,7 @@ from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label
 from .routing import UnknownModel, resolve_model
-from .tagging import merge_entities
+from .tagging import STRATEGIES, pieces, tag_entities
 from .tokens import TextEncoder
 
 ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
@@ -81,6 +81,7 @@ class ClassifyBody(_Body):
 class TagBody(_Body):
     model: str | list[str]
     input: str | list[str]
+    aggregation_strategy: Literal[STRATEGIES] = "simple"  # as transformers' token-classification pipeline
 
 
 class EmbeddingsBody(_Body):
@@ -507,18 +508,16 @@ class Ingress:
             for model, name in pairs:
                 rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "token"})
                 names.append(name)
-                meta.append((i, model, enc["offset_mapping"]))
+                meta.append((i, model, enc))
         results = await self._run_rows("tag", rows, names)
         data = []
-        for (i, model, offsets), res in zip(meta, results):
-            tags, scores = [], []
-            for token_logits in res["logits"]:
-                labels = res["labels"] or [f"LABEL_{j}" for j in range(len(token_logits))]
-                probs = _softmax(token_logits)
-                best = max(range(len(probs)), key=probs.__getitem__)
-                tags.append(labels[best])
-                scores.append(probs[best])
-            entities = merge_entities(tags, scores, [tuple(o) for o in offsets], texts[i])
+        prefix, unk = self.encoder.subword_prefix, self.encoder.unk_id
+        for (i, model, enc), res in zip(meta, results):
+            probs = [_softmax(token_logits) for token_logits in res["logits"]]
+            labels = res["labels"] or [f"LABEL_{j}" for j in range(len(probs[0]) if probs else 0)]
+            found = pieces(probs, [tuple(o) for o in enc["offset_mapping"]], enc["tokens"], enc["input_ids"],
+                           texts[i], prefix, unk)
+            entities = tag_entities(found, labels, texts[i], body.aggregation_strategy)
             data.append({"index": i, "model": model, "entities": entities})
         return self._respond("tag", {"object": "list", "data": data}, results, names)
 

@@ -45,7 +45,8 @@ def probe_encodings(tokenizer) -> list[dict]:
 
 
 class TextEncoder:
-    """encode(text, offsets) -> {"input_ids": [...], "offset_mapping": [(start, end), ...] (when asked)}."""
+    """encode(text, offsets) -> {"input_ids": [...], "offset_mapping": [(start, end), ...] and "tokens": [the
+    tokens' strings] (when offsets are asked)}."""
 
     def __init__(self, base_dir: str | Path):
         self.base_dir = Path(base_dir)
@@ -83,12 +84,32 @@ class TextEncoder:
             if self._transformers is None:
                 raise RuntimeError(f"no tokenizer: transformers could not load {self.base_dir}'s "
                                    f"({self.fallback_reason})")
-            return transformers_encode(self._transformers, text, offsets)
+            enc = transformers_encode(self._transformers, text, offsets)
+            if not offsets:
+                return enc
+            return {"input_ids": enc["input_ids"], "offset_mapping": enc["offset_mapping"],
+                    "tokens": self._transformers.convert_ids_to_tokens(enc["input_ids"])}
         enc = self._fast.encode(text, add_special_tokens=True)
         out = {"input_ids": enc.ids}
         if offsets:
             out["offset_mapping"] = enc.offsets
+            out["tokens"] = enc.tokens
         return out
+
+    @property
+    def subword_prefix(self) -> str | None:
+        """The prefix of a token that continues a word ("##" for WordPiece); None where the tokenizer has none."""
+        model = getattr(self._fast, "model", None)
+        if model is None and self._transformers is not None:
+            model = getattr(getattr(self._transformers, "_tokenizer", None), "model", None)
+        return getattr(model, "continuing_subword_prefix", None) or None
+
+    @property
+    def unk_id(self) -> int | None:
+        if self._fast is not None:
+            unk = getattr(self._fast.model, "unk_token", None)
+            return self._fast.token_to_id(unk) if unk else None
+        return getattr(self._transformers, "unk_token_id", None)
 
     def check(self, expected: list[dict] | None) -> str | None:
         """Compare the PROBES' encodings with the model's (its info()["probes"]); on a difference switch to

@@ -73,6 +73,8 @@ CASES = [
     ("wrong-task-classifier-on-tag", "POST", "/v1/tag", _with(model="cls-a"), {}, 422, "wrong_task"),
     ("wrong-task-base-on-classify", "POST", "/v1/classify", _with(model="all-MiniLM-L6-v2"), {}, 422, "wrong_task"),
     ("wrong-task-no-head-on-tag", "POST", "/v1/tag", _with(model="emb"), {}, 422, "wrong_task"),
+    ("tag-unknown-aggregation", "POST", "/v1/tag", {"model": "ner", "input": "x", "aggregation_strategy": "longest"},
+     {}, 422, "invalid_field"),
     ("embeddings-bad-format", "POST", "/v1/embeddings", {"model": "emb", "input": "x", "encoding_format": "int8"},
      {}, 422, "invalid_field"),
     ("embeddings-dimensions", "POST", "/v1/embeddings", {"model": "emb", "input": "x", "dimensions": 10}, {},

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from serving import Request
-from serving.app.tagging import merge_entities
+from serving.app.tagging import pieces, tag_entities
 
 from .conftest import metrics, ray_node_metrics, sample, total, wait_for
 
@@ -33,13 +33,15 @@ def close(served, expected, atol=2e-4):
     torch.testing.assert_close(torch.tensor(served, dtype=torch.float32), expected, atol=atol, rtol=1e-4)
 
 
-def expected_entities(engine, adapter, text):
-    """The entities /v1/tag should give: the engine's row alone, argmax tags merged with the tokenizer's offsets."""
+def expected_entities(engine, adapter, text, strategy="simple"):
+    """The entities /v1/tag should give: the engine's row alone, its tokens' label probabilities aggregated with
+    the tokenizer's offsets."""
     res = alone(engine, adapter, text)
-    probs = torch.softmax(res.logits, -1)
+    probs = torch.softmax(res.logits, -1).tolist()
     enc = engine.tokenizer(text, return_offsets_mapping=True)
-    return merge_entities([res.labels[i] for i in probs.argmax(-1).tolist()], probs.max(-1).values.tolist(),
-                          enc["offset_mapping"], text)
+    tokens = engine.tokenizer.convert_ids_to_tokens(enc["input_ids"])
+    found = pieces(probs, enc["offset_mapping"], tokens, enc["input_ids"], text, "##", engine.tokenizer.unk_token_id)
+    return tag_entities(found, res.labels, text, strategy)
 
 
 def spans(entities):
@@ -124,6 +126,21 @@ def test_tag_merges_bio_tags_with_character_offsets(client, engine):
     for e in item["entities"]:
         assert e["entity"] in {"PER", "LOC"} and text[e["start"]:e["end"]] == e["word"]
         assert 0 < e["score"] <= 1
+
+
+def test_tag_aggregation_strategies_are_the_engines_rows_aggregated_so(client, engine):
+    texts = ["Ada Lovelace met Charles Babbage in London.", "Schwarzenegger visited Kuala Lumpur with Volkswagen."]
+    answers = {}
+    for strategy in ("none", "simple", "first", "average", "max"):
+        r = client.post("/v1/tag", json={"model": "ner", "input": texts, "aggregation_strategy": strategy})
+        assert r.status_code == 200, r.text
+        answers[strategy] = [item["entities"] for item in r.json()["data"]]
+        for got, text in zip(answers[strategy], texts):
+            want = expected_entities(engine, "ner", text, strategy)
+            assert [{k: v for k, v in e.items() if k != "score"} for e in got] == \
+                [{k: v for k, v in e.items() if k != "score"} for e in want], (strategy, text)
+            assert [e["score"] for e in got] == pytest.approx([e["score"] for e in want], abs=1e-4)
+    assert answers["none"] != answers["simple"] and any(answers[s] != answers["simple"] for s in ("first", "max"))
 
 
 def test_tag_with_several_taggers_gives_one_result_per_input_and_adapter(client, engine):
