@@ -28,8 +28,8 @@ from .batch import BatchPlan
 from .bottleneck import Configs, attach_bottleneck
 from .errors import RequestError
 from .heads import head_logits, mean_pool
-from .sentence import SentencePipeline, read_sentence_pipeline
 from .layers import GROUP_IA3, GROUP_PLAIN, GROUP_PREFIX, GROUP_PROMPT, ForwardState, attach_linear
+from .sentence import SentencePipeline, read_sentence_pipeline
 from .slots import SlotPool
 
 # A forward costs about as much as this many padded tokens (MiniLM, CPU): rows are split into

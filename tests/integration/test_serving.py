@@ -40,7 +40,8 @@ def expected_entities(engine, adapter, text, strategy="simple"):
     probs = torch.softmax(res.logits, -1).tolist()
     enc = engine.tokenizer(text, return_offsets_mapping=True)
     tokens = engine.tokenizer.convert_ids_to_tokens(enc["input_ids"])
-    found = pieces(probs, enc["offset_mapping"], tokens, enc["input_ids"], text, "##", engine.tokenizer.unk_token_id)
+    prefix = engine.tokenizer._tokenizer.model.continuing_subword_prefix  # as transformers' pipeline reads it
+    found = pieces(probs, enc["offset_mapping"], tokens, enc["input_ids"], text, prefix, engine.tokenizer.unk_token_id)
     return tag_entities(found, res.labels, text, strategy)
 
 
