@@ -110,16 +110,19 @@ def run_wrk(url: str, prefix: str, texts, adapters, conc: int, duration: float, 
 
 
 def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, seed: int, tmp: Path | None = None,
-           model_header: bool = False, honour_retry_after: bool = False) -> dict:
+           model_header: bool = False, honour_retry_after: bool = False, reconnecting: int = 0) -> dict:
     """The asyncio client in its own process (its CPU is its own); per-status latency percentiles.
 
     honour_retry_after: a client answered 429/503 with Retry-After waits that long before its next request (as
-    the official openai client does); otherwise it sends the next one at once."""
+    the official openai client does); otherwise it sends the next one at once.
+    reconnecting: that many more clients, each opening a new connection for every request and sending the next
+    at once whatever the answer (a script calling `requests.post` in a loop); the figures are the `conc`
+    clients', theirs are under "reconnecting"."""
     import numpy as np
 
     arg = json.dumps({"url": url, "prefix": prefix, "texts": texts, "adapters": adapters, "conc": conc,
                       "duration": duration, "seed": seed, "model_header": model_header,
-                      "honour_retry_after": honour_retry_after})
+                      "honour_retry_after": honour_retry_after, "reconnecting": reconnecting})
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__], input=arg, capture_output=True, text=True,
                           timeout=duration + 180)
@@ -128,14 +131,17 @@ def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, s
     if line is None:
         raise RuntimeError(f"py client gave no result: rc={proc.returncode} {proc.stderr[-800:]}")
     r = json.loads(line[len("PYJSON "):])
+    mine = np.asarray(r["kind"], dtype=np.int64) == 0  # the `conc` clients' requests
     status = np.asarray(r["status"], dtype=np.int64)
-    lat = np.asarray(r["lat"], dtype=np.float64) * 1000
+    others = status[~mine]
+    status = status[mine]
+    lat = np.asarray(r["lat"], dtype=np.float64)[mine] * 1000
     secs = r["seconds"]
 
     def pct(mask, q):
         return float(np.percentile(lat[mask], q)) if mask.any() else None
 
-    sent = np.asarray(r["sent"], dtype=np.float64)
+    sent = np.asarray(r["sent"], dtype=np.float64)[mine]
     every = status != -1
     ok, shed = status == 200, (status == 429) | (status == 503)
     later = sent >= WARMUP_S  # sent after the clients' simultaneous start
@@ -151,6 +157,9 @@ def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, s
             "n200": n[200], "n429": n[429], "n503": n[503], "nother": total - n[200] - n[429] - n[503],
             "socket_errors": n[-1], "timeouts": 0, **_shares(total, n[429], n[503]),
             "retry_after_s": _spread(r["retry_after"]),
+            "reconnecting": {"clients": reconnecting, "req_per_s": len(others) / secs,
+                             "ok_per_s": int((others == 200).sum()) / secs,
+                             "shed_per_s": int(((others == 429) | (others == 503)).sum()) / secs} if reconnecting else None,
             "client_cpu_s": r["cpu_s"], "client_cpu_share_of_one_core": r["cpu_s"] / wall}
 
 
@@ -199,7 +208,8 @@ async def _client(a: dict) -> dict:
     status: list[int] = []
     lat: list[float] = []
     sent: list[float] = []
-    retries: list[float] = []  # Retry-After of each refusal that had one, in order
+    kind: list[int] = []  # 0: one of the `conc` clients, 1: a reconnecting one
+    retries: list[float] = []  # Retry-After of each refusal to the `conc` clients that had one, in order
     t_start = time.perf_counter()
 
     def request() -> bytes:
@@ -209,7 +219,7 @@ async def _client(a: dict) -> dict:
         return (f"POST {a['prefix']}{rng.choice(ROUTES)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
 
-    async def connection():
+    async def connection(reconnects: bool = False):
         writer = None
         try:
             while True:
@@ -220,6 +230,7 @@ async def _client(a: dict) -> dict:
                         status.append(-1)
                         lat.append(0.0)
                         sent.append(time.perf_counter() - t_start)
+                        kind.append(int(reconnects))
                         await asyncio.sleep(0.05)
                         continue
                 t = time.perf_counter()
@@ -232,6 +243,11 @@ async def _client(a: dict) -> dict:
                 status.append(code)
                 lat.append(time.perf_counter() - t)
                 sent.append(t - t_start)
+                kind.append(int(reconnects))
+                if reconnects:  # a new connection for the next request, at once
+                    writer.close()
+                    writer = None
+                    continue
                 if code in (429, 503) and retry is not None:
                     retries.append(retry)
                 if close:
@@ -244,6 +260,7 @@ async def _client(a: dict) -> dict:
                 writer.close()
 
     tasks = [asyncio.ensure_future(connection()) for _ in range(a["conc"])]
+    tasks += [asyncio.ensure_future(connection(reconnects=True)) for _ in range(a.get("reconnecting", 0))]
     start = time.perf_counter()
     await asyncio.sleep(a["duration"])
     seconds = time.perf_counter() - start
@@ -252,7 +269,7 @@ async def _client(a: dict) -> dict:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {"status": status[:n], "lat": [round(x, 6) for x in lat[:n]], "sent": [round(x, 4) for x in sent[:n]],
-            "retry_after": retries, "seconds": seconds}
+            "kind": kind[:n], "retry_after": retries, "seconds": seconds}
 
 
 def _client_main() -> None:

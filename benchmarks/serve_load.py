@@ -33,8 +33,9 @@ the multiplexed replica's own counters. Model loads/s: polyhead's on-demand adap
 every adapter in every model replica first), the multiplexed replicas' model loads.
 Overload: per input length, saturation is the first level after which goodput (200/s) grows < 5 %; the
 py client (every answer's latency, by status) runs at that level and at --overload-factor (4) times it,
-twice: its clients honouring Retry-After on a 429/503 (as the openai client does: the targets are
-checked on this run), and retrying at once (a client that ignores the server, reported beside it).
+three times: its clients honouring Retry-After on a 429/503 (as the openai client does: the targets are
+checked on this run), retrying at once (a client that ignores the server, reported beside it), and honouring
+it beside 1/8 as many clients that reconnect for every request and never wait (what the others are advised).
 The tables compare against the serving issue's targets (columns "bound" and "met"). Timings are reported,
 never asserted.
 
@@ -71,6 +72,8 @@ PREFIX = {"polyhead": "", "proxied": "", "floor": "/floor", "multiplexed": "/mux
 SCRAPED = ("polyhead", "proxied")  # batch statistics from the polyhead app's /metrics
 GROWTH = 1.05  # saturation: the next level's goodput grows less than this
 WARM_PASSES = 12  # polyhead's warm-up: passes over the adapters until each model replica has loaded each
+RECONNECTING_SHARE = 8  # the third overload run adds overload concurrency / this many clients that reconnect for
+# every request and never wait (load_clients.run_py's `reconnecting`): what the honouring clients are advised then
 WORDS = ("the quick brown fox jumps over lazy dog river mountain city house green blue red small large "
          "happy sad fast slow light dark water fire earth wind music book table chair window door road "
          "tree flower garden morning evening night summer winter people friend family school work time").split()
@@ -400,7 +403,10 @@ def overload_table(runs: list[dict], factor: int) -> str:
             if not good(ov):
                 lines.append(f"| {run['tokens']} | {app} | error: {ov.get('error', '-')[:80]} |" + " |" * 15)
                 continue
-            for client, summary in (("honours Retry-After", ov), ("retries at once", ov.get("immediate_retry"))):
+            beside = ov.get("beside_reconnecting")
+            for client, summary in (("honours Retry-After", ov), ("retries at once", ov.get("immediate_retry")),
+                                    (f"honours Retry-After, beside {beside['overload']['reconnecting']['clients']} "
+                                     "reconnecting at once" if beside else "", beside)):
                 if summary is None:
                     continue
                 o, ref = summary["overload"], summary["at_saturation"]
@@ -698,10 +704,15 @@ def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, p
         over = measure(urls[app], app, over_conc, texts, names, tokens, args.duration,
                        functools.partial(run_py, honour_retry_after=True), push_s, tmp, args.replicas)
         eager = measure(urls[app], app, over_conc, texts, names, tokens, args.duration, run_py, push_s, tmp, args.replicas)
+        beside = measure(urls[app], app, over_conc, texts, names, tokens, args.duration,
+                         functools.partial(run_py, honour_retry_after=True, reconnecting=over_conc // RECONNECTING_SHARE),
+                         push_s, tmp, args.replicas)
         run["overload"][app] = overload_summary(sat, ref, over) if good(ref) and good(over) else \
             {"error": (ref.get("error") or over.get("error") or "?")}
         if good(run["overload"][app]) and good(eager):
             run["overload"][app]["immediate_retry"] = overload_summary(sat, ref, eager)
+        if good(run["overload"][app]) and good(beside):
+            run["overload"][app]["beside_reconnecting"] = overload_summary(sat, ref, beside)
         if good(run["overload"][app]):
             o = over
             print(f"  overload {app} {tokens} tok c={o['concurrency']}: goodput {o['ok_per_s']:.1f}/s "
