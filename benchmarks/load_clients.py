@@ -157,9 +157,9 @@ def run_py(url: str, prefix: str, texts, adapters, conc: int, duration: float, s
             "n200": n[200], "n429": n[429], "n503": n[503], "nother": total - n[200] - n[429] - n[503],
             "socket_errors": n[-1], "timeouts": 0, **_shares(total, n[429], n[503]),
             "retry_after_s": _spread(r["retry_after"]),
-            "reconnecting": {"clients": reconnecting, "req_per_s": len(others) / secs,
-                             "ok_per_s": int((others == 200).sum()) / secs,
-                             "shed_per_s": int(((others == 429) | (others == 503)).sum()) / secs} if reconnecting else None,
+            "reconnecting": None if not reconnecting else {
+                "clients": reconnecting, "req_per_s": len(others) / secs, "ok_per_s": int((others == 200).sum()) / secs,
+                "shed_per_s": int(((others == 429) | (others == 503)).sum()) / secs},
             "client_cpu_s": r["cpu_s"], "client_cpu_share_of_one_core": r["cpu_s"] / wall}
 
 

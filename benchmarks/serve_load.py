@@ -704,9 +704,9 @@ def sweep(urls, apps, overload_apps, levels, texts, names, tokens, args, load, p
         over = measure(urls[app], app, over_conc, texts, names, tokens, args.duration,
                        functools.partial(run_py, honour_retry_after=True), push_s, tmp, args.replicas)
         eager = measure(urls[app], app, over_conc, texts, names, tokens, args.duration, run_py, push_s, tmp, args.replicas)
-        beside = measure(urls[app], app, over_conc, texts, names, tokens, args.duration,
-                         functools.partial(run_py, honour_retry_after=True, reconnecting=over_conc // RECONNECTING_SHARE),
-                         push_s, tmp, args.replicas)
+        flood = functools.partial(run_py, honour_retry_after=True, reconnecting=over_conc // RECONNECTING_SHARE)
+        beside = measure(urls[app], app, over_conc, texts, names, tokens, args.duration, flood, push_s, tmp,
+                         args.replicas)
         run["overload"][app] = overload_summary(sat, ref, over) if good(ref) and good(over) else \
             {"error": (ref.get("error") or over.get("error") or "?")}
         if good(run["overload"][app]) and good(eager):

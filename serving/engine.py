@@ -123,7 +123,7 @@ class Engine:
         self._workspace: dict = {}  # kernels' scratch buffers, reused by every forward (under the lock)
         self.forwards = 0
         self.body_rows = 0  # rows the body ran for (multi-task rows sharing a body count once)
-        self.sentence = SentencePipeline()  # what /v1/embeddings serves on top of `embedding` (from_pretrained reads it)
+        self.sentence = SentencePipeline()  # what /v1/embeddings serves on `embedding` (from_pretrained reads it)
 
     @classmethod
     def from_pretrained(cls, base_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
