@@ -27,7 +27,7 @@ from . import attention, kernels
 from .batch import BatchPlan
 from .bottleneck import Configs, attach_bottleneck
 from .errors import RequestError
-from .heads import head_logits, mean_pool
+from .heads import head_logits, pool
 from .layers import GROUP_IA3, GROUP_PLAIN, GROUP_PREFIX, GROUP_PROMPT, ForwardState, attach_linear
 from .sentence import SentencePipeline, read_sentence_pipeline
 from .slots import SlotPool
@@ -411,7 +411,7 @@ class Engine:
             out = self.model(**inputs)
             hidden, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
         heads = {} if self.causal else head_logits(self.pool.heads, wanted, hidden, pooled)
-        emb = mean_pool(hidden, real.long()).cpu()
+        emb = pool(hidden, real.long(), self.sentence.pooling).cpu()
         lm_logits = self.model.get_output_embeddings()(hidden) if self.causal else None  # [B, T, V], hooked
         results = []
         for i, (body, _) in enumerate(wanted):

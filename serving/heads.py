@@ -62,3 +62,33 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(hidden.dtype).unsqueeze(1)  # [B, 1, T]
     summed = torch.bmm(m, hidden).squeeze(1).to(torch.float32)  # [B, H]
     return summed / mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+
+
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """[B, T, H], [B, T] (1 on each row's real tokens, one contiguous run) -> [B, H] in float32, as
+    sentence-transformers' Pooling module defines each mode: the mean of the real tokens; the first one ([CLS]);
+    their element-wise max; their sum over sqrt(count); their mean weighted by position (1 for the first); the
+    last one."""
+    if mode == "mean":
+        return mean_pool(hidden, mask)
+    counts = mask.sum(1).clamp(min=1)  # [B]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    first = mask.to(torch.int64).argmax(1)  # [B]: the first real token
+    if mode == "cls":
+        return hidden[rows, first].to(torch.float32)
+    if mode == "lasttoken":
+        return hidden[rows, first + counts - 1].to(torch.float32)
+    if mode == "max":
+        masked = hidden.to(torch.float32).masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+        return masked.max(1).values
+    if mode == "mean_sqrt_len":
+        return mean_pool(hidden, mask) * counts.to(torch.float32).sqrt().unsqueeze(1)
+    if mode == "weightedmean":
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0) - first.unsqueeze(1) + 1
+        weights = (positions * mask).to(torch.float32)  # [B, T]: 1, 2, ... on the real tokens, 0 elsewhere
+        summed = torch.bmm(weights.unsqueeze(1), hidden.to(torch.float32)).squeeze(1)
+        return summed / weights.sum(1, keepdim=True)
+    raise ValueError(f"unknown pooling {mode!r}: one of {', '.join(POOLINGS)}")

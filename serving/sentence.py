@@ -2,14 +2,18 @@
 
 A sentence-transformers model folder (the bundled all-MiniLM-L6-v2 is one) lists its pipeline in `modules.json`:
 the transformer, then a `Pooling` module (its `config.json` names the pooling mode), often a `Normalize` module
-(unit-length vectors), sometimes more (`Dense`, `LayerNorm`). The engine pools by the mean over each row's real
-tokens (`Engine` results' `embedding`); /v1/embeddings serves what the pipeline defines on top of it:
+(unit-length vectors), sometimes more (`Dense`, `LayerNorm`). The engine pools each row's real tokens as the
+pipeline's Pooling says (`Engine` results' `embedding`, `heads.pool`: mean, cls, max, mean_sqrt_len,
+weightedmean, lasttoken); /v1/embeddings serves what the pipeline defines on top of it:
 
-- mean pooling, then Normalize where the pipeline has it (all-MiniLM-L6-v2: unit-length vectors, as
+- Normalize where the pipeline has it (all-MiniLM-L6-v2: mean pooling, then unit-length vectors, as
   `SentenceTransformer.encode` gives them);
 - a folder without `modules.json` (a plain transformers model): mean pooling, normalised, as OpenAI's embeddings;
-- a pipeline polyhead cannot compute (another pooling mode, a `Dense` layer, an unreadable config):
+- a pipeline polyhead cannot compute (several pooling modes at once, a `Dense` layer, an unreadable config):
   `unsupported` says why, and the route refuses with it rather than answer a different vector.
+
+One difference: "cls" pools the input's first token. sentence-transformers pools position 0, which for a
+prompt-tuning adapter's row is its first virtual token.
 """
 from __future__ import annotations
 
@@ -18,17 +22,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-MEAN = "pooling_mode_mean_tokens"
-POOLING_MODES = (  # the modes sentence-transformers' Pooling config can switch on
-    "pooling_mode_cls_token", MEAN, "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken",
-)
+POOLING_MODES = {  # sentence-transformers' Pooling config keys -> heads.pool's modes
+    "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 MAX_CONFIG_BYTES = 1 << 20  # a modules.json or pooling config.json larger than this is not a config
 
 
 @dataclass(frozen=True)
 class SentencePipeline:
     normalize: bool = True  # unit-length vectors by default (a request's "normalize" may say otherwise)
+    pooling: str = "mean"  # heads.pool's mode
     unsupported: str | None = None  # why /v1/embeddings cannot give this base's embedding, if it cannot
     source: str = "default"  # "sentence-transformers" when read from modules.json
 
@@ -58,13 +63,14 @@ def read_sentence_pipeline(base_dir: str | Path) -> SentencePipeline:
         return _unsupported(f"its sentence-transformers config cannot be read: {exc}")
     modes = [mode for mode in POOLING_MODES if config.get(mode) is True]
     unknown = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and k not in POOLING_MODES and v)
-    if unknown or modes != [MEAN]:
+    if unknown or len(modes) != 1:
         named = ", ".join(m.removeprefix("pooling_mode_") for m in modes + unknown) or "none"
-        return _unsupported(f"its sentence-transformers pooling is {named}; polyhead pools by the mean of the tokens")
+        return _unsupported(f"its sentence-transformers pooling is {named}; polyhead pools by one of "
+                            f"{', '.join(POOLING_MODES.values())}")
     normalize = "Normalize" in kinds
     if normalize and kinds[-1] != "Normalize":
         return _unsupported("its sentence-transformers pipeline normalises before its last module")
-    return SentencePipeline(normalize=normalize, source="sentence-transformers")
+    return SentencePipeline(normalize=normalize, pooling=POOLING_MODES[modes[0]], source="sentence-transformers")
 
 
 def _unsupported(why: str) -> SentencePipeline:

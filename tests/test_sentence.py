@@ -6,8 +6,9 @@ import math
 import shutil
 
 import pytest
+import torch
 
-from serving.sentence import MAX_CONFIG_BYTES, SentencePipeline, read_sentence_pipeline, unit_length
+from serving.sentence import MAX_CONFIG_BYTES, POOLING_MODES, SentencePipeline, read_sentence_pipeline, unit_length
 
 from .conftest import minilm_path
 
@@ -49,13 +50,11 @@ def test_a_plain_transformers_folder_gets_mean_pooling_normalised(tmp_path):
     assert read_sentence_pipeline(tmp_path) == SentencePipeline(normalize=True, unsupported=None, source="default")
 
 
-@pytest.mark.parametrize("mode", ["pooling_mode_cls_token", "pooling_mode_max_tokens",
-                                  "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_lasttoken",
-                                  "pooling_mode_weightedmean_tokens"])
-def test_other_pooling_modes_are_refused_by_name(tmp_path, mode):
-    config = dict(MEAN_CONFIG, pooling_mode_mean_tokens=False, **{mode: True})
+@pytest.mark.parametrize("key, mode", list(POOLING_MODES.items()))
+def test_every_single_pooling_mode_is_read(tmp_path, key, mode):
+    config = dict(MEAN_CONFIG, **{k: k == key for k in POOLING_MODES})
     got = read_sentence_pipeline(model_dir(tmp_path, [TRANSFORMER, pooling(), NORMALIZE], config))
-    assert got.unsupported is not None and mode.removeprefix("pooling_mode_") in got.unsupported
+    assert (got.pooling, got.normalize, got.unsupported) == (mode, True, None)
 
 
 def test_several_pooling_modes_at_once_are_refused(tmp_path):
@@ -106,15 +105,48 @@ def test_unit_length():
     assert unit_length([0.0, 0.0]) == [0.0, 0.0]
 
 
-def test_engine_reads_its_bases_pipeline(tmp_path):
-    """Engine.from_pretrained keeps what /v1/embeddings serves: the bundled MiniLM normalises; a copy of it whose
-    Pooling config says CLS is refused by name."""
-    from serving import Engine
+def sentence_transformers_pool(hidden, mask, mode):
+    """sentence-transformers' Pooling module's definitions, written out on [B, T, H] and a right-padded mask."""
+    m = mask.unsqueeze(-1).float()
+    if mode == "mean":
+        return (hidden * m).sum(1) / m.sum(1)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, -1e9).max(1).values
+    if mode == "mean_sqrt_len":
+        return (hidden * m).sum(1) / m.sum(1).sqrt()
+    if mode == "weightedmean":
+        w = torch.arange(1, hidden.shape[1] + 1).view(1, -1, 1).float() * m
+        return (hidden * w).sum(1) / w.sum(1)
+    last = mask.sum(1) - 1
+    return hidden[torch.arange(hidden.shape[0]), last]
 
-    assert Engine.from_pretrained(str(minilm_path()), max_slots=1).sentence.normalize is True
-    copy = tmp_path / "minilm-cls"
-    shutil.copytree(minilm_path(), copy)
-    config = json.loads((copy / "1_Pooling" / "config.json").read_text())
-    config.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
-    (copy / "1_Pooling" / "config.json").write_text(json.dumps(config))
-    assert "cls_token" in Engine.from_pretrained(str(copy), max_slots=1).sentence.unsupported
+
+def test_the_engine_pools_as_its_bases_pipeline_says(tmp_path):
+    """Copies of the bundled MiniLM whose Pooling config names each mode: the engine's embedding of rows of
+    different lengths, batched together, is transformers' BertModel output pooled as sentence-transformers
+    defines the mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from serving import Engine, Request
+
+    texts = ["a short one", "polyhead serves many adapters at once on one frozen base model", "hello"]
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True)(**enc).last_hidden_state
+    base = json.loads((minilm_path() / "1_Pooling" / "config.json").read_text())
+    for key, mode in POOLING_MODES.items():
+        copy = tmp_path / mode
+        shutil.copytree(minilm_path(), copy)
+        config = dict(base, **{k: k == key for k in POOLING_MODES})
+        (copy / "1_Pooling" / "config.json").write_text(json.dumps(config))
+        engine = Engine.from_pretrained(str(copy), max_slots=1)
+        assert engine.sentence.pooling == mode
+        got = torch.stack([r.embedding for r in engine.infer([Request(adapter=None, text=t) for t in texts])])
+        want = sentence_transformers_pool(hidden, enc["attention_mask"], mode)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=mode)
+    several = dict(base, pooling_mode_cls_token=True)  # sentence-transformers would concatenate: refused
+    (copy / "1_Pooling" / "config.json").write_text(json.dumps(several))
+    assert "cls_token, mean_tokens" in Engine.from_pretrained(str(copy), max_slots=1).sentence.unsupported
