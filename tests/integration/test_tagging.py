@@ -72,6 +72,10 @@ def test_which_tokens_continue_a_word():
     assert ("##" == enc.subword_prefix) and ("lace", True) in got and ("Love", False) in got
     assert ("🎉", False) in got  # [UNK]: a word of its own
     assert ("-", False) in got  # punctuation is a word for WordPiece
+    fallback = TextEncoder(minilm_path())
+    fallback._use_transformers()  # the ingress's tokenizer when tokenizer.json differs from the model's
+    f = fallback.encode(text, offsets=True)
+    assert (f["tokens"], fallback.subword_prefix, fallback.unk_id) == (e["tokens"], "##", enc.unk_id)
     no_prefix = pieces(rows, e["offset_mapping"], e["tokens"], e["input_ids"], text, None, enc.unk_id)
     assert [(text[p.start:p.end], p.subword) for p in no_prefix if text[p.start:p.end] in ("lace", "-", "Lumpur")] \
         == [("lace", True), ("-", True), ("Lumpur", True)]  # without a prefix: no space before it, a subword
