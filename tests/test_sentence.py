@@ -149,4 +149,4 @@ def test_the_engine_pools_as_its_bases_pipeline_says(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=mode)
     several = dict(base, pooling_mode_cls_token=True)  # sentence-transformers would concatenate: refused
     (copy / "1_Pooling" / "config.json").write_text(json.dumps(several))
-    assert "cls_token, mean_tokens" in Engine.from_pretrained(str(copy), max_slots=1).sentence.unsupported
+    assert "cls_token, mean_tokens" in read_sentence_pipeline(copy).unsupported

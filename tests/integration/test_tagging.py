@@ -91,26 +91,26 @@ NER_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def reference_pipeline():
+def ner_engine():
+    engine = Engine.from_pretrained(str(minilm_path()), max_slots=1)
+    engine.load_adapter("ner", NER)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(ner_engine):
     """transformers' token-classification pipeline on the NER adapter merged into the base by PEFT."""
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
-    labels = list(Engine.from_pretrained(str(minilm_path()), max_slots=1).validate_adapter("ner", NER).head.labels)
+    labels = list(ner_engine.adapters()["ner"].head.labels)
     base = AutoModelForTokenClassification.from_pretrained(
         str(minilm_path()), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={k: i for i, k in enumerate(labels)}, local_files_only=True)
     model = PeftModel.from_pretrained(base, str(NER)).merge_and_unload().eval()
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-    return lambda text, strategy: pipeline("token-classification", model=model, tokenizer=tokenizer,
-                                           aggregation_strategy=strategy, device="cpu")(text)
-
-
-@pytest.fixture(scope="module")
-def ner_engine():
-    engine = Engine.from_pretrained(str(minilm_path()), max_slots=1)
-    engine.load_adapter("ner", NER)
-    return engine
+    ner = pipeline("token-classification", model=model, tokenizer=tokenizer, device="cpu")
+    return lambda text, strategy: ner(text, aggregation_strategy=strategy)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
