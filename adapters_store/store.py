@@ -160,6 +160,16 @@ class AdapterStore:
         folder = Path(source)
         if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
             raise AdapterError(f"labels must be a list of strings, got {labels!r:.80}")
+        try:
+            return self._add(name, folder, schema, labels, max_rank, progress)
+        except OSError as exc:  # the source cannot be read (a name too long, a loop of links, no permission, ...)
+            if exc.filename is None or not str(exc.filename).startswith(str(folder)):
+                raise  # the store's own files: not the caller's mistake
+            raise AdapterError(f"{str(folder)[:200]}: cannot read the adapter folder: "
+                               f"{exc.strerror or type(exc).__name__}") from None
+
+    def _add(self, name: str, folder: Path, schema: BaseSchema, labels: list[str] | None, max_rank: int,
+             progress: bool) -> AdapterVersion:
         from .loader import load_adapter_dir  # torch: loaded where an adapter is validated
 
         spec = load_adapter_dir(folder, schema, name=name, max_rank=max_rank,

@@ -162,7 +162,7 @@ def test_versions_recorded_before_the_head_field_still_read(tmp_path, schema):
 
 
 @pytest.mark.parametrize("case", ["missing_weights", "pickle", "wrong_labels", "labels_without_head",
-                                  "rank_over_max", "no_folder"])
+                                  "rank_over_max", "no_folder", "name_too_long", "link_loop", "unreadable_weights"])
 def test_bad_adapters_leave_nothing_behind(tmp_path, schema, case):
     root = tmp_path / "store"
     store = AdapterStore(root)
@@ -179,7 +179,16 @@ def test_bad_adapters_leave_nothing_behind(tmp_path, schema, case):
         kw["max_rank"] = 4
     elif case == "no_folder":
         src = tmp_path / "nowhere"
-    with pytest.raises(AdapterError):
+    elif case == "name_too_long":  # the OS refuses the path (ENAMETOOLONG): the caller's mistake, not a crash
+        src = tmp_path / ("a" * 5000)
+    elif case == "link_loop":  # ELOOP
+        src = tmp_path / "loop"
+        src.symlink_to(src)
+    elif case == "unreadable_weights":  # EISDIR where a file is read
+        (src / "adapter_model.safetensors").unlink()
+        (src / "adapter_model.safetensors").mkdir()
+    with pytest.raises(AdapterError, match=None if case in ("wrong_labels", "labels_without_head", "rank_over_max",
+                                                           "missing_weights", "pickle") else str(src)[:60]):
         store.add("bad", src, schema=schema, **kw)
     assert not root.exists()
     assert store.list() == []

@@ -122,6 +122,27 @@ async def _internal_error(request: Request, exc: Exception):
     return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
+def unpaired_surrogate(data) -> str | None:
+    """Where a JSON value holds a string with an unpaired UTF-16 surrogate (JSON's \\ud800 escapes parse to one,
+    and no tokenizer or UTF-8 response can take it), e.g. "input[2] has \\ud800 at character 5"; else None."""
+    stack = [("body", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():  # keys too: messages may echo them
+                field = f"{path}.{key[:40].encode('utf-8', 'backslashreplace').decode('ascii', 'backslashreplace')}"
+                stack.extend(((field, key), (field, item)))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (f"{path.removeprefix('body.')} has an unpaired surrogate \\u{ord(value[exc.start]):04x} "
+                        f"at character {exc.start}")
+    return None
+
+
 def _summary(errors) -> str:
     parts = [f"{'.'.join(map(str, e.get('loc', ()))) or 'body'}: {e.get('msg', '')}" for e in errors[:3]]
     return "; ".join(parts)[:500]
@@ -242,6 +263,10 @@ class Ingress:
             raise ApiError(400, f"malformed JSON: {str(exc)[:200]}", "invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(422, f"the body must be a JSON object, got {type(data).__name__}", "invalid_field")
+        if b"\\u" in body or b"\xed" in body:  # the only ways a surrogate gets into a parsed string
+            where = unpaired_surrogate(data)
+            if where:
+                raise ApiError(400, f"malformed JSON: {where}: not Unicode text", "invalid_unicode")
         return data
 
     @staticmethod
