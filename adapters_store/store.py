@@ -155,18 +155,25 @@ class AdapterStore:
 
     def add(self, name: str, source: str | os.PathLike, *, schema: BaseSchema, labels: list[str] | None = None,
             max_rank: int = 64, progress: bool = False) -> AdapterVersion:
-        """Validate the adapter folder `source` fully, then publish it as the next version of `name`."""
+        """Validate the adapter folder `source` (a path, or a URL: adapters_store/sources.py) fully, then publish it
+        as the next version of `name`."""
         check_name(name)
-        folder = Path(source)
         if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
             raise AdapterError(f"labels must be a list of strings, got {labels!r:.80}")
-        try:
-            return self._add(name, folder, schema, labels, max_rank, progress)
-        except OSError as exc:  # the source cannot be read (a name too long, a loop of links, no permission, ...)
-            if exc.filename is None or not str(exc.filename).startswith(str(folder)):
-                raise  # the store's own files: not the caller's mistake
-            raise AdapterError(f"{str(folder)[:200]}: cannot read the adapter folder: "
-                               f"{exc.strerror or type(exc).__name__}") from None
+        from .sources import is_url, short, source_folder  # torch (file limits): loaded where an adapter is added
+
+        with source_folder(source, STORED_FILES) as folder:
+            try:
+                return self._add(name, folder, schema, labels, max_rank, progress)
+            except AdapterError as exc:
+                if is_url(source):  # name the URL, not the temporary copy
+                    raise AdapterError(str(exc).replace(str(folder), short(source))) from None
+                raise
+            except OSError as exc:  # the source cannot be read (a name too long, a loop of links, ...)
+                if exc.filename is None or not str(exc.filename).startswith(str(folder)):
+                    raise  # the store's own files: not the caller's mistake
+                raise AdapterError(f"{short(source)}: cannot read the adapter folder: "
+                                   f"{exc.strerror or type(exc).__name__}") from None
 
     def _add(self, name: str, folder: Path, schema: BaseSchema, labels: list[str] | None, max_rank: int,
              progress: bool) -> AdapterVersion:

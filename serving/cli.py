@@ -48,7 +48,8 @@ def _add_adapters_parser(sub) -> None:
     store_help = "store folder or fsspec URL (default: $POLYHEAD_STORE, else ~/.cache/polyhead/adapters)"
     add = actions.add_parser("add", help="validate an adapter folder and publish it as NAME's next version")
     add.add_argument("name", metavar="NAME")
-    add.add_argument("path", metavar="PATH", help="PEFT adapter folder")
+    add.add_argument("path", metavar="PATH|URL", help="adapter folder (PEFT or AdapterHub), or its fsspec URL "
+                     "(s3://..., gs://..., http(s)://... with a directory listing)")
     add.add_argument("--labels", help="comma-separated label names of the adapter's head, e.g. neg,pos")
     add.add_argument("--store", help=store_help)
     add.add_argument("--base", help="base model folder the adapter is checked against (default: bundled MiniLM)")

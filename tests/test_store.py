@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -293,6 +294,76 @@ def test_memory_backend_bad_adapter_writes_nothing(tmp_path, schema, memory_url)
     with pytest.raises(AdapterError):
         AdapterStore(memory_url, cache_dir=tmp_path / "cache").add("m", src, schema=schema)
     assert not fs.exists(base) or fs.find(base) == []
+
+
+def _upload(src: Path, url: str) -> None:
+    """src's files into the folder at the fsspec URL `url`."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    for f in src.iterdir():
+        fs.pipe_file(f"{path}/{f.name}", f.read_bytes())
+
+
+def test_add_from_a_url_fetches_the_adapter_files_only(tmp_path, schema, memory_url, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    src = lora(tmp_path, schema, head="SEQ_CLS", num_labels=3)
+    (src / "README.md").write_text("not stored")
+    url = memory_url.replace("/store", "/source/cls")
+    _upload(src, url)
+    store = AdapterStore(tmp_path / "store")
+    v1 = store.add("cls", url, schema=schema, labels=["a", "b", "c"])
+    assert v1.labels == ("a", "b", "c") and v1.task == "seq_cls"
+    stored = sorted(p.name for p in v1.path.iterdir())
+    assert stored == ["adapter_config.json", "adapter_model.safetensors", "polyhead.json"]
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert sha256_of(v1.path / f) == sha256_of(src / f)
+    assert store.add("cls", f"file://{src}", schema=schema).sha256 == v1.sha256  # file:// is a local path
+    assert list((tmp_path / "tmp").iterdir()) == []  # the downloaded copy is gone
+
+
+@pytest.mark.parametrize("case", ["pickle", "no_folder", "a_file", "no_adapter_files", "bad_weights",
+                                  "unknown_protocol"])
+def test_bad_url_sources_are_refused_naming_the_url(tmp_path, schema, memory_url, case):
+    src = lora(tmp_path, schema)
+    url = memory_url.replace("/store", "/source/x")
+    if case == "pickle":
+        (src / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    elif case == "no_adapter_files":
+        for f in list(src.iterdir()):
+            f.rename(src / (f.name + ".old"))
+    elif case == "bad_weights":
+        (src / "adapter_model.safetensors").write_bytes(b"junk")
+    _upload(src, url)
+    source = {"no_folder": url + "-nowhere", "a_file": url + "/adapter_config.json",
+              "unknown_protocol": "nosuchfs://bucket/x"}.get(case, url)
+    message = {"pickle": "pickle-based", "no_folder": "no such folder", "a_file": "no such folder",
+               "no_adapter_files": "no adapter files", "bad_weights": "adapter_model.safetensors",
+               "unknown_protocol": "cannot open this URL"}[case]
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterError, match=message) as caught:
+        store.add("x", source, schema=schema)
+    assert source[:40] in str(caught.value) and "polyhead-source-" not in str(caught.value)
+    assert store.list() == [] and not (tmp_path / "store").exists()
+
+
+def test_a_url_source_over_the_file_limit_is_refused(tmp_path, schema, memory_url):
+    import fsspec
+
+    from adapters_store import FileLimits
+    from adapters_store.sources import _download, source_folder
+
+    src = lora(tmp_path, schema)
+    url = memory_url.replace("/store", "/source/big")
+    _upload(src, url)
+    limit = (src / "adapter_model.safetensors").stat().st_size - 1
+    with pytest.raises(AdapterError, match="over the .*-byte limit"):
+        with source_folder(url, frozenset({"adapter_model.safetensors"}), FileLimits(max_file_bytes=limit)):
+            pass
+    fs, path = fsspec.core.url_to_fs(url)  # a listing's size is not trusted: the copy stops at the limit
+    with pytest.raises(AdapterError, match="over the .*-byte limit"):
+        _download(fs, f"{path}/adapter_model.safetensors", tmp_path / "copy", limit, "x")
 
 
 CHILD = r"""

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import http.server
 import statistics
+import threading
 import time
 
 import httpx
@@ -249,6 +253,40 @@ def test_adapter_added_through_admin_is_served_without_restart(client, engine, a
     listed = client.get("/v1/adapters", headers=admin_headers).json()["data"]
     assert any(a["name"] == "late" and a["loaded"] for a in listed)
     assert "late" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+@contextlib.contextmanager
+def _http_folder(folder):
+    """folder served over HTTP on 127.0.0.1 (Python's http.server, with its HTML directory listings)."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_adapter_added_from_a_url_is_served(client, engine, adapter_dirs, admin_headers):
+    folder = adapter_dirs["late"]
+    with _http_folder(folder.parent) as base:
+        r = client.post("/v1/adapters", headers=admin_headers,
+                        json={"name": "late-url", "source": f"{base}/{folder.name}/"})
+        assert r.status_code == 201, r.text
+        missing = client.post("/v1/adapters", headers=admin_headers,
+                              json={"name": "late-url", "source": f"{base}/nowhere/"})
+    assert missing.status_code == 422 and f"{base}/nowhere" in missing.json()["error"]["message"], missing.text
+    assert r.json()["task"] == "seq_cls" and r.json()["version"] == 1
+    r = client.post("/v1/classify", json={"model": "late-url", "input": TEXTS[2]})
+    assert r.status_code == 200, r.text
+    close(r.json()["data"][0]["logits"], alone(engine, "late", TEXTS[2]).logits)  # the same files as "late"
 
 
 def test_deleting_an_adapter_in_use_does_not_break_running_requests(server, client, admin_headers):
