@@ -41,18 +41,20 @@ def source_folder(source: str | os.PathLike, names: frozenset[str],
         return
     import fsspec
 
+    # Filesystems fail in their own ways (an unknown protocol, a package not installed, a refused connection,
+    # a client library's own errors): whatever the URL does is the caller's source failing, never a crash.
     try:
         fs, path = fsspec.core.url_to_fs(source)
-    except (ImportError, ValueError) as exc:  # an unknown protocol, or its package is not installed
-        raise AdapterError(f"{short(source)}: cannot open this URL: {exc}") from None
+    except Exception as exc:
+        raise AdapterError(f"{short(source)}: cannot open this URL: {_reason(exc)}") from None
     try:
         if not fs.isdir(path):
             raise AdapterError(f"{short(source)}: not an adapter folder (no such folder at this URL)")
         entries = fs.ls(path, detail=True)
     except AdapterError:
         raise
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"{short(source)}: cannot list this folder: {exc}") from None
+    except Exception as exc:
+        raise AdapterError(f"{short(source)}: cannot list this folder: {_reason(exc)}") from None
     files = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries if entry.get("type") == "file"}
     for fname in sorted(files):
         if Path(fname).suffix.lower() in PICKLE_SUFFIXES:
@@ -83,5 +85,9 @@ def _download(fs, remote: str, local: Path, limit: int, what: str) -> None:
                 dst.write(chunk)
     except AdapterError:
         raise
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"{what}: cannot download it: {exc}") from None
+    except Exception as exc:
+        raise AdapterError(f"{what}: cannot download it: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -324,7 +324,7 @@ def test_add_from_a_url_fetches_the_adapter_files_only(tmp_path, schema, memory_
 
 
 @pytest.mark.parametrize("case", ["pickle", "no_folder", "a_file", "no_adapter_files", "bad_weights",
-                                  "unknown_protocol"])
+                                  "unknown_protocol", "refused_connection", "filesystem_error"])
 def test_bad_url_sources_are_refused_naming_the_url(tmp_path, schema, memory_url, case):
     src = lora(tmp_path, schema)
     url = memory_url.replace("/store", "/source/x")
@@ -337,10 +337,12 @@ def test_bad_url_sources_are_refused_naming_the_url(tmp_path, schema, memory_url
         (src / "adapter_model.safetensors").write_bytes(b"junk")
     _upload(src, url)
     source = {"no_folder": url + "-nowhere", "a_file": url + "/adapter_config.json",
-              "unknown_protocol": "nosuchfs://bucket/x"}.get(case, url)
+              "unknown_protocol": "nosuchfs://bucket/x", "refused_connection": "http://127.0.0.1:1/adapters/x/",
+              "filesystem_error": "zip://x"}.get(case, url)
     message = {"pickle": "pickle-based", "no_folder": "no such folder", "a_file": "no such folder",
                "no_adapter_files": "no adapter files", "bad_weights": "adapter_model.safetensors",
-               "unknown_protocol": "cannot open this URL"}[case]
+               "unknown_protocol": "cannot open this URL", "refused_connection": "cannot list this folder",
+               "filesystem_error": "cannot open this URL"}[case]
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(AdapterError, match=message) as caught:
         store.add("x", source, schema=schema)
