@@ -51,7 +51,7 @@ ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
 UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)  # 503: the model is not there
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
+                415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
 LOCAL_CLIENTS = ("127.0.0.1", "::1", "localhost")
 
 
@@ -248,6 +248,10 @@ class Ingress:
         return response
 
     async def _json(self, request: Request) -> dict:
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):  # read as it is, a compressed body would be "malformed JSON"
+            raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the JSON body "
+                           "uncompressed", "unsupported_encoding")
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

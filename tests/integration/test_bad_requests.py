@@ -1,6 +1,7 @@
 """Bad requests: each gets its status and a JSON error body, and the server serves on afterwards."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -119,6 +120,8 @@ CASES = [
     ("admin-add-labels-unpaired-surrogate", "POST", "/v1/adapters", {"name": "x1", "source": "/tmp",
                                                                      "labels": ["a", "\ud800"]}, KEY, 400,
      "invalid_unicode"),
+    ("gzip-body", "POST", "/v1/classify", gzip.compress(json.dumps(OK).encode()),
+     {"Content-Encoding": "gzip"}, 415, "unsupported_encoding"),
     ("unknown-route", "GET", "/v1/nothing", None, {}, 404, "route_not_found"),
     ("wrong-method", "GET", "/v1/classify", None, {}, 405, "method_not_allowed"),
 ]
