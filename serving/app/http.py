@@ -479,13 +479,41 @@ class Ingress:
         return await self._serve("models", request, self._list_models)
 
     async def _list_models(self, request: Request):
+        return JSONResponse({"object": "list", "data": await self._model_objects()})
+
+    async def _model_objects(self) -> list[dict]:
         adapters = await self.model.list_adapters.remote()
         data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
         data += [{"id": a["name"], "object": "model", "created": int(a["created"] or 0), "owned_by": "polyhead",
                   "parent": self.base_name,
                   "task": a["task"], "labels": a["labels"], "version": a["version"], "versions": a["versions"]}
                  for a in adapters]
-        return JSONResponse({"object": "list", "data": data})
+        return data
+
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request):
+        async def handler(request: Request):  # OpenAI's "retrieve model": one entry of the list, or 404
+            try:
+                ref = resolve_model(model, self.base_name)
+            except UnknownModel as exc:
+                raise ApiError(404, str(exc), "model_not_found", adapter="unknown") from None
+            objects = await self._model_objects()
+            if ref is None:
+                return JSONResponse(objects[0])
+            name, _, version = ref.partition("@")
+            for entry in objects[1:]:
+                if entry["id"] != name:
+                    continue
+                if not version:
+                    return JSONResponse(entry)
+                if entry["versions"] and int(version) in entry["versions"]:
+                    pinned = dict(entry, id=ref, version=int(version))
+                    if int(version) != entry["version"]:  # the listing describes the latest version's head only
+                        pinned.update(task=None, labels=None)
+                    return JSONResponse(pinned)
+            raise ApiError(404, f"unknown model {ref!r}", "model_not_found", adapter="unknown")
+
+        return await self._serve("models", request, handler)
 
     @app.post("/v1/classify")
     async def classify(self, request: Request):

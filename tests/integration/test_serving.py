@@ -169,6 +169,8 @@ def test_openai_client_gets_the_engines_embeddings(server, engine):
         for d, text in zip(out.data, TEXTS):
             close(d.embedding, sentence_vector(engine, adapter, text))
         assert out.usage.prompt_tokens > 0
+    assert oa.models.retrieve("emb").id == "emb" and oa.models.retrieve("all-MiniLM-L6-v2").owned_by == "polyhead"
+    assert {m.id for m in oa.models.list()} >= {"emb", "all-MiniLM-L6-v2"}
 
 
 def test_embeddings_float_format_and_token_ids(client, engine):
@@ -490,6 +492,13 @@ def test_versions_latest_and_pinned_are_served_side_by_side_then_deleted(client,
     assert listed["cls-a"]["version"] is None  # static entries have no versions
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models["ver"]["versions"] == [1, 2]
+    assert client.get("/v1/models/ver").json() == models["ver"]  # OpenAI's retrieve: the listed entry
+    assert client.get("/v1/models/ver@2").json() == dict(models["ver"], id="ver@2")
+    pinned = client.get("/v1/models/ver@1").json()
+    assert (pinned["id"], pinned["version"], pinned["task"]) == ("ver@1", 1, None)  # not the latest's head
+    for missing in ("ver@3", "nope", "%2e%2e%2fx", "ver@0"):
+        r = client.get(f"/v1/models/{missing}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (missing, r.text)
     # removing one version
     assert client.delete("/v1/adapters/ver@1", headers=admin_headers).status_code == 200
     assert client.post("/v1/classify", json={"model": "ver@1", "input": text}).status_code == 404
