@@ -106,9 +106,11 @@ class ServeConfig(BaseModel):
     # static entries: name -> folder, resolved directly (not through the store), loaded on first use
     adapters: dict[str, AdapterSource] = Field(default_factory=dict)
     # adapters_store.AdapterStore root (folder or fsspec URL such as s3://bucket/adapters) shared by every
-    # model replica: admin registrations are published there. None: a temporary store per model replica
-    # (registrations are lost with it and not shared between replicas).
-    store_root: str | None = None
+    # model replica: admin registrations are published there. None (or null in a file): the user's store,
+    # $POLYHEAD_STORE, else ~/.cache/polyhead/adapters, where `polyhead adapters add` publishes too; resolved
+    # where the config is built, so every replica gets the same folder (a cluster of several machines needs
+    # a store they all see: a shared volume or an object store, deploy/README.md)
+    store_root: str | None = Field(None, validate_default=True)
     store_ttl_s: float = Field(1.0, ge=0, le=3600)  # how long a replica caches `name` -> its latest version
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_items: int = Field(256, ge=1)  # rows per request (inputs x models)
@@ -122,6 +124,13 @@ class ServeConfig(BaseModel):
     @classmethod
     def _key_from_env(cls, value):
         return value if value is not None else (os.environ.get("POLYHEAD_ADMIN_API_KEY") or None)
+
+    @field_validator("store_root")
+    @classmethod
+    def _default_store(cls, value):
+        from adapters_store.store import default_root
+
+        return value if value is not None else default_root()
 
     @field_validator("adapters", mode="before")
     @classmethod

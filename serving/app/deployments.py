@@ -19,7 +19,6 @@ import asyncio
 import functools
 import itertools
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,11 +65,7 @@ class ModelServer:
         self.engine = self._engine_thread.submit(self._build_engine, cfg).result()
         # how the engine's (transformers) tokenizer encodes PROBES: the ingress checks its own against them
         self.probes = probe_encodings(self.engine.tokenizer) if self.engine.tokenizer is not None else None
-        if cfg.store_root is None:  # registrations of this replica only, deleted with it
-            self._tmp_store = tempfile.TemporaryDirectory(prefix="polyhead-store-")
-            store = AdapterStore(self._tmp_store.name)
-        else:
-            store = AdapterStore(cfg.store_root)
+        store = AdapterStore(cfg.store_root)  # the same root in every replica (ServeConfig resolves the default)
         static = {name: Source(name, s.path, tuple(s.labels) if s.labels else None) for name, s in cfg.adapters.items()}
         self.registry = Registry(store, static, ttl_s=cfg.store_ttl_s)
         self._heads: dict[str, Loaded] = {}  # engine key -> what is loaded under it

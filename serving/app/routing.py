@@ -19,6 +19,7 @@ from pathlib import Path
 from adapters_store import AdapterError, AdapterStore, AdapterVersion, parse_ref
 
 BASE_ALIASES = ("base",)
+RESOLVE_TRIES = 3  # store lookups of one ref when a failed one races a new version of the name
 MAX_KEY_CHARS = 128  # adapters_store.check_name's limit: the engine's keys are checked names
 
 
@@ -124,14 +125,18 @@ class Registry:
             hit = self._cache.get(ref)
         if hit is not None and hit[1] > now and not fresh:
             return hit[0]
-        try:
-            found = self.store.resolve(ref)
-        except AdapterError as exc:
-            with self._lock:
-                self._cache.pop(ref, None)
-            if not _published(self.store, name, version):
-                raise UnknownAdapter(str(exc)) from None
-            raise
+        for attempt in range(RESOLVE_TRIES):
+            try:
+                found = self.store.resolve(ref)
+                break
+            except AdapterError as exc:
+                with self._lock:
+                    self._cache.pop(ref, None)
+                if not _published(self.store, name, version):
+                    raise UnknownAdapter(str(exc)) from None
+                if attempt == RESOLVE_TRIES - 1:
+                    raise
+                # published now: removed and published again between the two looks, or really broken: look again
         resolved = self._from_store(ref, found)
         with self._lock:
             self._cache[ref] = (resolved, now + self.ttl_s)

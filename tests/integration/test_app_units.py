@@ -68,6 +68,20 @@ def test_config_defaults_and_derived_values():
     assert ServeConfig(num_replicas=4, max_pending_rows=10).pending_rows_limit() == 10
 
 
+def test_the_default_store_is_the_users_one_resolved_where_the_config_is_built(monkeypatch, tmp_path):
+    """One folder for every model replica (it was a temporary store per replica: an adapter added through the
+    admin route was served by one of make serve's two replicas and 404 on the other)."""
+    monkeypatch.delenv("POLYHEAD_STORE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert ServeConfig().store_root == str(tmp_path / "cache" / "polyhead" / "adapters")
+    monkeypatch.setenv("POLYHEAD_STORE", str(tmp_path / "mine"))
+    cfg = ServeConfig(store_root=None)
+    assert cfg.store_root == str(tmp_path / "mine")
+    monkeypatch.setenv("POLYHEAD_STORE", str(tmp_path / "elsewhere"))  # a replica's own environment
+    assert ServeConfig(**cfg.model_dump()).store_root == str(tmp_path / "mine")  # what every replica is given
+    assert ServeConfig(store_root="s3://b/p").store_root == "s3://b/p"
+
+
 def test_build_app_gives_the_model_deployment_its_replicas_and_resources():
     from serving.app import build_app
 
@@ -229,6 +243,29 @@ def test_registry_tells_missing_from_broken_by_looking_not_by_the_message(tmp_pa
     assert reg.remove("missing") == []
     with pytest.raises(AdapterError):
         reg.remove("there")
+
+
+def test_registry_looks_again_when_a_name_is_published_again_between_its_two_looks(tmp_path):
+    """A lookup that fails because the name was just removed, while the check after it finds the name published
+    again (an admin removing and adding it under load), resolves the new version (it was a 422)."""
+    from adapters_store import AdapterError, AdapterStore, BaseSchema
+    from serving.app.routing import Registry
+    from tests.adapter_factory import make_lora
+    from tests.conftest import minilm_path
+
+    schema = BaseSchema.from_config_dir(minilm_path())
+    store = AdapterStore(tmp_path / "store")
+    store.add("a", make_lora(tmp_path / "one", schema, seed=1, head="SEQ_CLS", num_labels=2), schema=schema)
+    real, calls = store.resolve, []
+
+    def removed_then_back(ref, **kw):
+        calls.append(ref)
+        if len(calls) == 1:
+            raise AdapterError("unknown adapter 'a' (not in the store)")
+        return real(ref, **kw)
+
+    store.resolve = removed_then_back
+    assert Registry(store, ttl_s=0).resolve("a").version == 1 and calls == ["a", "a"]
 
 
 # deploy/ ----------------------------------------------------------------------------------------

@@ -30,10 +30,13 @@ def multi(proxy, adapter_dirs, tmp_path_factory):
     from serving.app.deployments import ModelServer
     from serving.app.http import Ingress
 
-    cfg = ServeConfig(max_batch_size=8, batch_wait_timeout_s=0.05, max_ongoing_requests=8, max_queued_requests=256,
-                      num_threads=1, num_cpus=0.5, max_slots=4, admin_api_key=ADMIN_KEY, metrics_push_s=0.1,
-                      adapters={m: str(adapter_dirs[m]) for m in MODELS}, store_ttl_s=0.2,
-                      store_root=str(tmp_path_factory.mktemp("multi-store")))
+    store = tmp_path_factory.mktemp("multi-store")
+    with pytest.MonkeyPatch.context() as env:  # no store_root: the user's default store, here $POLYHEAD_STORE
+        env.setenv("POLYHEAD_STORE", str(store))
+        cfg = ServeConfig(max_batch_size=8, batch_wait_timeout_s=0.05, max_ongoing_requests=8,
+                          max_queued_requests=256, num_threads=1, num_cpus=0.5, max_slots=4, admin_api_key=ADMIN_KEY,
+                          metrics_push_s=0.1, adapters={m: str(adapter_dirs[m]) for m in MODELS}, store_ttl_s=0.2)
+    assert cfg.store_root == str(store)  # resolved here, where the app is built: both model replicas get it
     data = cfg.model_dump()
     model = ModelServer.options(num_replicas=2, ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": 0},
                                 max_ongoing_requests=cfg.max_ongoing_requests,
@@ -100,6 +103,7 @@ def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(mul
 def test_a_deleted_adapter_leaves_metrics_of_every_ingress_replica(multi, proxy_client, adapter_dirs):
     r = proxy_client.post(PREFIX + "/v1/adapters", headers=KEY, json={"name": "extra", "source": str(adapter_dirs["late"])})
     assert r.status_code == 201, r.text
+    # 24 rows, at most 8 ongoing per model replica: both serve the adapter one of them published
     calls = [("/v1/classify", {"model": ["extra", "cls-b"], "input": TEXTS[i % 5]}) for i in range(12)]
     assert [r.status_code for r in asyncio.run(_post_all(multi, calls))] == [200] * 12
     def counted():
