@@ -286,6 +286,8 @@ CASES = [
     case("layer_replication", rf"{CONFIG_RE}: 'layer_replication' is not supported", config(layer_replication=[[0, 6]])),
     case("task_type-unsupported", rf"{CONFIG_RE}: task_type 'SEQ_2_SEQ_LM' is not supported",
          config(task_type="SEQ_2_SEQ_LM")),
+    case("task_type-a-list", rf"{CONFIG_RE}: 'task_type' must be a string, got \[\]", config(task_type=[])),
+    case("task_type-an-object", rf"{CONFIG_RE}: 'task_type' must be a string", config(task_type={"a": 1})),
     # classifier head
     case("classifier-weight-wrong-hidden-size",
          rf"{WEIGHTS_RE}: classifier\.weight \[3, 383\] does not fit hidden size 384 \(expected \[num_labels, 384\]\)",

@@ -44,6 +44,9 @@ def load_peft(folder: Path, name: str, schema: BaseSchema, *, max_rank: int,
     if peft_type not in SUPPORTED_TYPES:
         raise AdapterError(f"{cfg_path}: PEFT type {peft_type!r} is not supported "
                            f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    task_type = cfg.get("task_type")
+    if task_type is not None and not isinstance(task_type, str):
+        raise AdapterError(f"{cfg_path}: 'task_type' must be a string, got {task_type!r:.80}")
     if peft_type not in ("LORA", "ADALORA"):
         from .peft_kinds import load_peft_kind  # imported here: peft_kinds imports this module's helpers
 
