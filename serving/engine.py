@@ -69,6 +69,9 @@ class Result:
     logits: torch.Tensor | None = None  # see DESIGN.md: [C], [len, C], [len, vocab] or None
     embedding: torch.Tensor | None = None  # [hidden]
     error: str | None = None
+    # why the row has an error: "invalid_input" (the request), "unloaded" (its adapter went while it waited),
+    # "non_finite" (its adapter's weights overflow on this input: NaN/Inf outputs are never returned)
+    error_code: str | None = None
     task: str | None = None  # the adapter head's task: seq_cls | multilabel | token_cls | None
     labels: tuple[str, ...] | None = None
 
@@ -250,7 +253,7 @@ class Engine:
             try:
                 rows.append(self._row(i, req))
             except (RequestError, AdapterError) as exc:
-                results[i].error = str(exc)
+                results[i].error, results[i].error_code = str(exc), "invalid_input"
         for group in self._groups(rows):
             self._run(group, results)
         return results
@@ -326,6 +329,7 @@ class Engine:
             for r in group:
                 if r not in live:
                     results[r.index].error = f"adapter {r.name!r} was unloaded"
+                    results[r.index].error_code = "unloaded"
             if not live:
                 return
             specs = {r.name: self._specs[r.name] for r in live if r.name is not None}
@@ -366,7 +370,13 @@ class Engine:
                 self.pool.release(slot_of.values())
         for i, row in enumerate(live):
             res = results[row.index]
-            res.logits, res.embedding = outputs[i]
+            logits, embedding = outputs[i]
+            if not (bool(torch.isfinite(embedding).all()) and (logits is None or bool(torch.isfinite(logits).all()))):
+                what = "the base model" if row.name is None else f"adapter {row.name!r}"
+                res.error, res.error_code = (f"{what} gave non-finite values (NaN or Inf) on this input: its "
+                                             f"weights overflow {str(self.dtype).removeprefix('torch.')}"), "non_finite"
+                continue
+            res.logits, res.embedding = logits, embedding
             spec = specs.get(row.name)
             if spec is not None and spec.head is not None:
                 res.task, res.labels = spec.head.task, spec.head.labels

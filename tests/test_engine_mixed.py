@@ -281,3 +281,31 @@ def test_shared_input_groups_fuse_and_survive_rank_growth(tmp_path):
             if n:
                 fresh.load_adapter(n, big if n == "big" else small)
             assert_same(g, alone(fresh, n, ids), f"{n}")
+
+
+def test_an_adapter_whose_weights_overflow_gets_a_row_error_and_the_other_rows_are_unharmed(adapters, tmp_path):
+    """A finite weight of 1e30 passes validation but turns the hidden states into NaN: that row answers an error
+    (error_code "non_finite"), never NaN logits or embeddings; the rows beside it in the batch are as alone."""
+    from safetensors.torch import load_file, save_file
+
+    from adapters_store import BaseSchema
+
+    folder = make_lora(tmp_path / "huge", BaseSchema.from_config_dir(minilm_path()), seed=9, head="SEQ_CLS",
+                       num_labels=2)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in weights if "layer.5.attention.self.value.lora_B" in k)
+    weights[key][0, 0] = 1e30
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    eng = make_engine(adapters, names=["seq_qv", "tok_all"])
+    eng.load_adapter("huge", folder)
+    rows = [("seq_qv", SENTENCES[1]), ("huge", SENTENCES[1]), (None, SENTENCES[2]), ("huge", SENTENCES[4]),
+            ("tok_all", SENTENCES[0])]
+    results = eng.infer([Request(adapter=name, input_ids=ids) for name, ids in rows])
+    for (name, ids), res in zip(rows, results):
+        if name == "huge":
+            assert (res.error_code, res.logits, res.embedding) == ("non_finite", None, None)
+            assert "adapter 'huge' gave non-finite values" in res.error
+        else:
+            assert_same(res, alone(eng, name, ids), name)
+    assert results[0].error_code is None and eng.infer([Request(adapter="nope", input_ids=[101])])[0].error_code \
+        == "invalid_input"

@@ -197,6 +197,10 @@ class ModelServer:
             if res.error is not None:
                 if self._gone(row):  # removed while the row waited: name what the client asked for, not the key
                     item.update(row_error("model_not_found", f"unknown model {row.get('adapter')!r} (removed)"))
+                elif res.error_code == "non_finite":  # the adapter is broken for this input, not the request
+                    what = "the base model" if row.get("adapter") is None else f"adapter {row['adapter']!r}"
+                    item.update(row_error("non_finite_output", f"{what} gave non-finite values (NaN or Inf) on this "
+                                          f"input: its weights overflow {str(self.engine.dtype).removeprefix('torch.')}"))
                 else:
                     item.update(row_error("invalid_input", res.error))
             elif row.get("need") == "embedding":

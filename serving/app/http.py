@@ -47,6 +47,7 @@ ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
     "adapter_invalid": (422, "invalid_request_error"),
     "invalid_input": (422, "invalid_request_error"),
     "too_many_tokens": (413, "invalid_request_error"),
+    "non_finite_output": (422, "invalid_request_error"),  # the adapter's weights overflow on this input
 }
 UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)  # 503: the model is not there
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
