@@ -288,6 +288,9 @@ CASES = [
          config(task_type="SEQ_2_SEQ_LM")),
     case("task_type-a-list", rf"{CONFIG_RE}: 'task_type' must be a string, got \[\]", config(task_type=[])),
     case("task_type-an-object", rf"{CONFIG_RE}: 'task_type' must be a string", config(task_type={"a": 1})),
+    case("modules_to_save-a-number", rf"{CONFIG_RE}: 'modules_to_save' must be a list of module names, got 1",
+         config(modules_to_save=1)),
+    case("modules_to_save-a-string", rf"{CONFIG_RE}: 'modules_to_save' must be a list", config(modules_to_save="x")),
     # classifier head
     case("classifier-weight-wrong-hidden-size",
          rf"{WEIGHTS_RE}: classifier\.weight \[3, 383\] does not fit hidden size 384 \(expected \[num_labels, 384\]\)",

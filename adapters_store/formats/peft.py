@@ -47,6 +47,9 @@ def load_peft(folder: Path, name: str, schema: BaseSchema, *, max_rank: int,
     task_type = cfg.get("task_type")
     if task_type is not None and not isinstance(task_type, str):
         raise AdapterError(f"{cfg_path}: 'task_type' must be a string, got {task_type!r:.80}")
+    saved = cfg.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise AdapterError(f"{cfg_path}: 'modules_to_save' must be a list of module names, got {saved!r:.80}")
     if peft_type not in ("LORA", "ADALORA"):
         from .peft_kinds import load_peft_kind  # imported here: peft_kinds imports this module's helpers
 
