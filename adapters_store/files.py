@@ -17,6 +17,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from .errors import AdapterError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+FLOAT32_MAX = torch.finfo(torch.float32).max  # a config's scale must fit the slot tensors that hold it
 DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
 
 

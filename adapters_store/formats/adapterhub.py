@@ -22,7 +22,7 @@ import torch
 
 from ..base import BaseSchema
 from ..errors import AdapterError
-from ..files import FileLimits, read_json, read_safetensors, refuse_pickles
+from ..files import FLOAT32_MAX, FileLimits, read_json, read_safetensors, refuse_pickles
 from ..spec import AdapterSpec, Bottleneck, HeadSpec, Ia3Vector, LoraDelta
 
 CONFIG_FILE = "adapter_config.json"
@@ -281,9 +281,9 @@ def _bn_options(cfg_path: Path, cfg: dict, schema: BaseSchema) -> dict:
         raise AdapterError(f"{cfg_path}: residual_before_ln='post_add' needs original_ln_before=true "
                            "(the library has no residual for it otherwise)")
     scaling = opts["scaling"]
-    if not (isinstance(scaling, float) and math.isfinite(scaling)) and scaling not in ("learned", "channel"):
-        raise AdapterError(f"{cfg_path}: scaling must be a float (e.g. 1.0), 'learned' or 'channel', got {scaling!r} "
-                           "(the adapters library rejects anything else)")
+    if not (isinstance(scaling, float) and abs(scaling) <= FLOAT32_MAX) and scaling not in ("learned", "channel"):
+        raise AdapterError(f"{cfg_path}: scaling must be a float32 number (e.g. 1.0), 'learned' or 'channel', got "
+                           f"{scaling!r} (the adapters library rejects anything else)")
     opts["non_linearity"] = activation_name(cfg_path, "non_linearity", opts["non_linearity"], allow_none=False)
     opts["leave_out"] = _leave_out(cfg_path, opts["leave_out"])
     rf = opts["reduction_factor"]

@@ -16,7 +16,7 @@ import torch
 
 from ..base import BaseSchema
 from ..errors import AdapterError
-from ..files import FileLimits, read_json, read_safetensors
+from ..files import FLOAT32_MAX, FileLimits, read_json, read_safetensors
 from ..spec import AdapterSpec, HeadSpec, LoraDelta
 
 CONFIG_FILE = "adapter_config.json"
@@ -224,6 +224,8 @@ def _lora_delta(weights_path: Path, cfg: dict, module_path: str, parts: dict, sc
         scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     if rank > max_rank:
         raise AdapterError(f"{where}: rank {rank} exceeds max_rank {max_rank}")
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+        raise AdapterError(f"{where}: its scale (lora_alpha / r) {scale:.3g} does not fit a float32")
     magnitude = parts.get("m")
     if magnitude is not None and list(magnitude.shape) != [shape.d_out]:
         raise AdapterError(f"{where}: lora_magnitude_vector {list(magnitude.shape)} does not fit out features {shape.d_out}")
