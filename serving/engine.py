@@ -169,7 +169,14 @@ class Engine:
             self._specs[name] = spec
             self._bodies.pop(name, None)
             self.pool.drop(name)
-            self.pool.release(self.pool.acquire([spec]).values())
+            try:
+                self.pool.release(self.pool.acquire([spec]).values())
+            except Exception as exc:  # not resident: not registered either (the rows of other adapters run on)
+                del self._specs[name]
+                if isinstance(exc, AdapterError):
+                    raise
+                raise AdapterError(f"adapter {name!r} could not be made resident: {type(exc).__name__}: "
+                                   f"{str(exc)[:300]}") from exc
         return spec
 
     def unload_adapter(self, name: str) -> None:

@@ -309,7 +309,11 @@ class SlotPool:
             slot = self._resident.get(spec.name)
             if slot is None:
                 slot = self._take_free_slot()
-                self._write(slot, spec)
+                try:
+                    self._write(slot, spec)
+                except BaseException:
+                    self._free.append(slot)  # never leaked: the next adapter written there overwrites it all
+                    raise
                 self._resident[spec.name] = slot
                 self.loads += 1
             self._resident.move_to_end(spec.name)

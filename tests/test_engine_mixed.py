@@ -309,3 +309,29 @@ def test_an_adapter_whose_weights_overflow_gets_a_row_error_and_the_other_rows_a
             assert_same(res, alone(eng, name, ids), name)
     assert results[0].error_code is None and eng.infer([Request(adapter="nope", input_ids=[101])])[0].error_code \
         == "invalid_input"
+
+
+def test_a_load_that_fails_while_writing_its_slot_leaves_no_trace(adapters, monkeypatch):
+    """An error while the slot tensors are written (not a validation error) is an AdapterError, the name is not
+    registered, the slot it took is free again, and every other adapter serves as before."""
+    eng = make_engine(adapters, max_slots=3, names=["seq_qv", "tok_all"])
+    before = {name: alone(eng, name, SENTENCES[2]) for name in ("seq_qv", "tok_all", None)}
+    free = len(eng.pool._free)
+    real = eng.pool._write
+
+    def breaks_for_boom(slot, spec):
+        if spec.name == "boom":
+            raise RuntimeError("device out of memory")
+        real(slot, spec)
+
+    monkeypatch.setattr(eng.pool, "_write", breaks_for_boom)
+    for _ in range(3):  # three failures take no slot (there are three)
+        with pytest.raises(AdapterError, match=r"'boom' could not be made resident: RuntimeError: device out of"):
+            eng.load_adapter("boom", adapters["seq_dora"])
+    assert "boom" not in eng.adapters() and len(eng.pool._free) == free
+    assert eng.infer([Request(adapter="boom", input_ids=SENTENCES[0])])[0].error_code == "invalid_input"
+    for name, want in before.items():
+        assert_same(alone(eng, name, SENTENCES[2]), want, name)
+    eng.load_adapter("late", adapters["seq_dora"])  # the free slot takes the next adapter
+    assert_same(alone(eng, "late", SENTENCES[2]), alone(make_engine(adapters, names=["seq_dora"]), "seq_dora",
+                                                        SENTENCES[2]), "late")
