@@ -57,6 +57,9 @@ class ServeConfig(BaseModel):
     # accepted (and gated) first, at most this long (serving/app/backlog.py): without it, a burst of new
     # clients was refused 70-150 ms late; with it, within 13-39 ms (serve_load). 0: no wait; Linux only.
     accept_hold_ms: float = Field(100.0, ge=0, le=1000)
+    # the front gate reads an inference request's body before it counts (a slow or stalled upload holds no
+    # place); a body that takes longer than this is answered 408
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
     # requests waiting for a model replica (per ingress replica: Ray applies it in each caller's handle); -1:
     # unbounded (Ray's default). A request beyond it answers 429 with Retry-After at once.
     max_queued_requests: int = Field(256, ge=-1)

@@ -37,6 +37,7 @@ route}`: its `ray_polyhead_requests_total` counts what reached an ingress replic
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -54,6 +55,11 @@ CALLBACK = "serving.app.gate:middlewares"  # the value of RAY_SERVE_HTTP_PROXY_C
 OVERLOADED = "the server is overloaded: the model's queue is full, retry later"
 REFUSAL = {"message": OVERLOADED, "type": "rate_limit_error", "code": "overloaded"}  # as Ingress._overloaded answers
 UNLIMITED = sys.maxsize
+# A request counts as out only once its body has arrived (read here, at most this many bytes: a larger one is
+# passed on as it streams, for the ingress to refuse): a client that sends its body slowly, or never, holds
+# no place. A body that takes longer than this is answered 408. The app's own values replace these.
+BODY_TIMEOUT_S = 30.0
+BODY_BYTES = 1_000_000
 
 
 def middlewares() -> list:
@@ -64,10 +70,10 @@ def middlewares() -> list:
 
 
 def admission_header(app: str, max_requests: int, min_retry_s: int, max_retry_s: int, push_s: float,
-                     hold_s: float = MAX_HOLD_S) -> str:
+                     hold_s: float = MAX_HOLD_S, body_s: float = BODY_TIMEOUT_S, body_bytes: int = BODY_BYTES) -> str:
     """The value the ingress sends; max_requests 0 turns the gate off for that app, hold_s 0 its accept hold."""
     return (f"app={quote(app, safe='')};max={max_requests};retry={min_retry_s}-{max_retry_s};push={push_s:g};"
-            f"hold={hold_s:g}")
+            f"hold={hold_s:g};body={body_s:g};bytes={body_bytes}")
 
 
 def parse_admission(value: str) -> dict | None:
@@ -77,11 +83,12 @@ def parse_admission(value: str) -> dict | None:
         low, high = fields["retry"].split("-")
         out = {"app": unquote(fields["app"]), "max": int(fields["max"]), "min_retry_s": int(low),
                "max_retry_s": int(high), "push_s": float(fields["push"]),
-               "hold_s": float(fields.get("hold", MAX_HOLD_S))}  # absent: an ingress of an older version
+               "hold_s": float(fields.get("hold", MAX_HOLD_S)),  # absent: an ingress of an older version
+               "body_s": float(fields.get("body", BODY_TIMEOUT_S)), "body_bytes": int(fields.get("bytes", BODY_BYTES))}
     except (KeyError, ValueError):
         return None
     if (out["max"] < 0 or out["min_retry_s"] < 0 or out["max_retry_s"] < out["min_retry_s"] or out["push_s"] <= 0
-            or not 0 <= out["hold_s"] <= 1):
+            or not 0 <= out["hold_s"] <= 1 or not 0 < out["body_s"] <= 3600 or out["body_bytes"] < 0):
         return None
     return out
 
@@ -122,12 +129,18 @@ class AppGate:
     def count_refusal(self, route: str, seconds: float) -> None:
         if self.recorder is None:
             return
-        self.recorder.requests.labels(route, 429).inc()
-        self.recorder.errors.labels(route, "none", "overloaded").inc()
-        self.recorder.latency.labels(route).observe(seconds)
+        self.count_answer(route, 429, "overloaded", seconds)
         self.recorder.refusals.labels(route).inc()
         if self.ray_refusals is not None:
             self.ray_refusals.inc(1, tags={"application": self.config["app"], "route": route})
+
+    def count_answer(self, route: str, status: int, error: str, seconds: float) -> None:
+        """An answer the gate gave itself, in the app's request, error and latency series."""
+        if self.recorder is None:
+            return
+        self.recorder.requests.labels(route, status).inc()
+        self.recorder.errors.labels(route, "none", error).inc()
+        self.recorder.latency.labels(route).observe(seconds)
 
 
 def _app_metrics(app: str, prefix: str, push_s: float):
@@ -157,10 +170,10 @@ def _app_metrics(app: str, prefix: str, push_s: float):
 
 
 class Gate:
-    """Pure ASGI middleware (no body buffering). A request counts as out from its arrival until its answer's
-    last part is handed on (a closed-loop client's next request can arrive before the app's call returns: it
-    must not find its previous one still counted); a 2xx answer counts towards the rate Retry-After is
-    computed from."""
+    """Pure ASGI middleware. A request counts as out from the end of its body (read here first, with a deadline)
+    until its answer's last part is handed on (a closed-loop client's next request can arrive before the app's
+    call returns: it must not find its previous one still counted); a 2xx answer counts towards the rate
+    Retry-After is computed from."""
 
     def __init__(self, app):
         self.app = app
@@ -175,6 +188,18 @@ class Gate:
         if gate is None:
             gate = self.gates[prefix] = AppGate(prefix)
         adm = gate.admission
+        if gate.config is None or gate.config["max"]:  # gating (or not known yet): the body first
+            arrived = await _read_body(receive, gate.config)
+            if arrived is None:  # the client went away before its body arrived: nobody to answer
+                return
+            if arrived is TIMEOUT:
+                seconds = gate.config["body_s"] if gate.config else BODY_TIMEOUT_S
+                await _answer(send, 408, {"message": f"the request body did not arrive within {seconds:g} s",
+                                          "type": "invalid_request_error", "code": "body_timeout"},
+                              [(b"connection", b"close")])
+                gate.count_answer(route, 408, "body_timeout", seconds)
+                return
+            receive = arrived
         if adm.full:
             start = time.perf_counter()
             await _refuse(send, adm.refuse(client_key(scope)))
@@ -218,9 +243,46 @@ class Gate:
             release()
 
 
+TIMEOUT = object()
+
+
+async def _read_body(receive, config: dict | None):
+    """Read the request's body (up to the app's body limit) within the app's body deadline. Returns a receive
+    callable that hands the messages read on first, then reads on; TIMEOUT; or None if the client went away."""
+    limit = config["body_bytes"] if config else BODY_BYTES
+    messages: list[dict] = []
+
+    async def read() -> bool:
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return False  # http.disconnect
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False) or size > limit:  # whole, or too large: the ingress says 413
+                return True
+
+    try:
+        whole = await asyncio.wait_for(read(), config["body_s"] if config else BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return TIMEOUT
+    if not whole:
+        return None
+
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return replay
+
+
 async def _refuse(send, retry_after: int) -> None:
-    body = json.dumps({"error": REFUSAL}).encode()
-    await send({"type": "http.response.start", "status": 429,
+    await _answer(send, 429, REFUSAL, [(b"retry-after", str(retry_after).encode())])
+
+
+async def _answer(send, status: int, error: dict, headers: list) -> None:
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(retry_after).encode())]})
+                            *headers]})
     await send({"type": "http.response.body", "body": body})

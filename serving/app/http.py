@@ -223,7 +223,7 @@ class Ingress:
         limit = self.cfg.gate_max_requests
         return admission_header(app_name, self.cfg.pending_rows_limit() if limit is None else limit,
                                 self.cfg.retry_after_s, self.cfg.max_retry_after_s, self.cfg.metrics_push_s,
-                                self.cfg.accept_hold_ms / 1000)
+                                self.cfg.accept_hold_ms / 1000, self.cfg.body_timeout_s, self.cfg.max_body_bytes)
 
     def _retry(self) -> dict:
         return {"Retry-After": str(self.cfg.retry_after_s)}

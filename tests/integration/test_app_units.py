@@ -628,9 +628,10 @@ def test_the_admission_header_carries_the_apps_gate_settings(monkeypatch):
 
     ingress = _ready_ingress(None)
     monkeypatch.setattr(http.serve, "get_replica_context", lambda: SimpleNamespace(app_name="my app"))
-    ingress.cfg = ServeConfig(gate_max_requests=7, accept_hold_ms=25, retry_after_s=2, max_retry_after_s=30)
+    ingress.cfg = ServeConfig(gate_max_requests=7, accept_hold_ms=25, retry_after_s=2, max_retry_after_s=30,
+                              body_timeout_s=12.5, max_body_bytes=5000)
     assert parse_admission(ingress._gate_config()) == {"app": "my app", "max": 7, "min_retry_s": 2,
                                                        "max_retry_s": 30, "push_s": ingress.cfg.metrics_push_s,
-                                                       "hold_s": 0.025}
+                                                       "hold_s": 0.025, "body_s": 12.5, "body_bytes": 5000}
     ingress.cfg = ServeConfig(accept_hold_ms=0)
     assert parse_admission(ingress._gate_config())["hold_s"] == 0

@@ -10,8 +10,8 @@ import pytest
 from serving.app.admission import Admission
 
 from serving.app.backlog import MAX_HOLD_S
-from serving.app.gate import (ADMISSION_HEADER, GATED_HEADER, Gate, admission_header, gated_route, middlewares,
-                              parse_admission)
+from serving.app.gate import (ADMISSION_HEADER, BODY_BYTES, BODY_TIMEOUT_S, GATED_HEADER, Gate, admission_header,
+                              gated_route, middlewares, parse_admission)
 from serving.app.http import Ingress, error_response
 
 
@@ -81,12 +81,19 @@ def test_only_inference_posts_are_gated(method, path, expected):
 def test_admission_header_round_trip_and_malformed_values():
     value = admission_header("my app;x=1", 64, 1, 60, 0.5, hold_s=0.025)
     assert parse_admission(value) == {"app": "my app;x=1", "max": 64, "min_retry_s": 1, "max_retry_s": 60,
-                                      "push_s": 0.5, "hold_s": 0.025}
-    assert parse_admission("app=a;max=1;retry=1-2;push=1")["hold_s"] == MAX_HOLD_S  # an older ingress's header
+                                      "push_s": 0.5, "hold_s": 0.025, "body_s": BODY_TIMEOUT_S,
+                                      "body_bytes": BODY_BYTES}
+    assert parse_admission(admission_header("a", 1, 1, 2, 1, 0.1, 2.5, 300)) | {"app": "a"} == {
+        "app": "a", "max": 1, "min_retry_s": 1, "max_retry_s": 2, "push_s": 1.0, "hold_s": 0.1, "body_s": 2.5,
+        "body_bytes": 300}
+    old = parse_admission("app=a;max=1;retry=1-2;push=1")  # an older ingress's header
+    assert (old["hold_s"], old["body_s"], old["body_bytes"]) == (MAX_HOLD_S, BODY_TIMEOUT_S, BODY_BYTES)
     for bad in ["", "app=a", "app=a;max=x;retry=1-2;push=1", "app=a;max=1;retry=3-2;push=1",
                 "app=a;max=-1;retry=1-2;push=1", "app=a;max=1;retry=1-2;push=0", "app=a;max=1;retry=12;push=1",
                 "app=a;max=1;retry=1-2;push=1;hold=-0.1", "app=a;max=1;retry=1-2;push=1;hold=2",
-                "app=a;max=1;retry=1-2;push=1;hold=nan", "app=a;max=1;retry=1-2;push=1;hold=x"]:
+                "app=a;max=1;retry=1-2;push=1;hold=nan", "app=a;max=1;retry=1-2;push=1;hold=x",
+                "app=a;max=1;retry=1-2;push=1;body=0", "app=a;max=1;retry=1-2;push=1;body=nan",
+                "app=a;max=1;retry=1-2;push=1;bytes=-1", "app=a;max=1;retry=1-2;push=1;bytes=x"]:
         assert parse_admission(bad) is None, bad
 
 
@@ -338,5 +345,96 @@ def test_an_app_with_accept_hold_0_passes_admitted_requests_on_while_connections
             assert (await admitted)[0] == 200
             for c in clients:
                 c.close()
+
+    asyncio.run(main())
+
+
+class Reading(App):
+    """An App that reads the whole request body first and records it."""
+
+    def __init__(self, header):
+        super().__init__(header)
+        self.bodies = []
+
+    async def __call__(self, scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        await super().__call__(scope, receive, send)
+
+
+def _streaming(chunks, end="complete"):
+    """A receive that hands out `chunks`; then the body is complete, or (end "stall") the client sends nothing
+    more and receive never returns, or receive returns `end` (a message, e.g. a disconnect)."""
+    queue = list(chunks)
+
+    async def receive():
+        if queue:
+            chunk = queue.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(queue) or end != "complete"}
+        if end == "stall":
+            await asyncio.Event().wait()
+        return end
+
+    return receive
+
+
+async def _send_to(gate, receive, path="/v1/classify"):
+    messages = []
+
+    async def send(message):
+        messages.append(message)
+
+    await gate(_scope(path), receive, send)
+    return messages
+
+
+def test_a_request_whose_body_is_still_arriving_holds_no_place_and_a_stalled_one_gets_408():
+    """Sixty clients that send headers and half a body, then stall, took every place of the gate (2.4x its
+    limit of 48 in make serve: every other request was refused 429, advised 60 s); now they hold none, each
+    gets 408 once its deadline passes, and its app never sees it."""
+    async def main():
+        app = Reading(admission_header("polyhead", 2, 1, 60, 1.0, body_s=0.3, body_bytes=1000))
+        gate = await _configured(app)
+        calls = app.calls
+        stalled = [asyncio.create_task(_send_to(gate, _streaming_forever())) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        app.release.set()
+        status, _, _ = await _call(gate)  # two places, none taken by the five
+        assert status == 200 and app.calls == calls + 1
+        for messages in await asyncio.gather(*stalled):
+            start, body = messages
+            assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+            assert json.loads(body["body"])["error"]["code"] == "body_timeout"
+        assert app.calls == calls + 1  # the app never saw them
+        counts = gate.gates[""].recorder.values()
+        assert counts[("polyhead_requests", "polyhead_requests_total", (("code", "408"), ("route", "classify")))] == 5
+
+    asyncio.run(main())
+
+
+def _streaming_forever():
+    """A client that sends half a body and then nothing."""
+    return _streaming([b'{"model": "cls-a", '], end="stall")
+
+
+def test_the_gate_hands_the_app_the_body_it_read_whole_and_a_large_one_as_it_streams():
+    async def main():
+        app = Reading(admission_header("polyhead", 4, 1, 60, 1.0, body_bytes=10))
+        gate = await _configured(app)
+        app.release.set()
+        chunks = [b'{"model"', b': "cls-a", ', b'"input": "x"}']
+        messages = await _send_to(gate, _streaming(chunks))
+        assert messages[0]["status"] == 200 and app.bodies[-1] == b"".join(chunks)  # over 10 bytes: read on
+        messages = await _send_to(gate, _streaming([b"{}"]))
+        assert messages[0]["status"] == 200 and app.bodies[-1] == b"{}"
+        calls = app.calls
+        gone = await _send_to(gate, _streaming([b'{"mo'], end={"type": "http.disconnect"}))
+        assert gone == [] and app.calls == calls  # the client left mid-body: nothing to answer, no app call
+        assert gate.gates[""].admission.pending_rows == 0
 
     asyncio.run(main())
