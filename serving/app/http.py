@@ -262,13 +262,17 @@ class Ingress:
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, f"request body is over the limit of {limit} bytes", "body_too_large")
+        try:  # UTF-8 only (RFC 8259; json.loads would guess UTF-16/32 from bytes), a leading BOM ignored
+            text = bytes(body).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, f"malformed JSON: the body is not UTF-8 ({str(exc)[:150]})", "invalid_json") from None
         try:
-            data = json.loads(bytes(body))
+            data = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise ApiError(400, f"malformed JSON: {str(exc)[:200]}", "invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(422, f"the body must be a JSON object, got {type(data).__name__}", "invalid_field")
-        if b"\\u" in body or b"\xed" in body:  # the only ways a surrogate gets into a parsed string
+        if "\\u" in text:  # a \ud800 escape: the only way left for a surrogate to get into a parsed string
             where = unpaired_surrogate(data)
             if where:
                 raise ApiError(400, f"malformed JSON: {where}: not Unicode text", "invalid_unicode")

@@ -113,8 +113,11 @@ CASES = [
     ("input-unpaired-surrogate", "POST", "/v1/classify", _with(input="ab\ud800cd"), {}, 400, "invalid_unicode"),
     ("input-unpaired-low-surrogate-in-list", "POST", "/v1/tag", {"model": "ner", "input": ["ok", "x\udfff"]}, {},
      400, "invalid_unicode"),
-    ("input-unpaired-surrogate-utf8-bytes", "POST", "/v1/embeddings", b'{"model": "emb", "input": "a\xed\xa0\x80"}', {},
-     400, "invalid_unicode"),
+    ("input-surrogate-as-utf8-bytes", "POST", "/v1/embeddings", b'{"model": "emb", "input": "a\xed\xa0\x80"}', {},
+     400, "invalid_json"),  # not UTF-8
+    ("utf16-body-with-surrogate-escape", "POST", "/v1/embeddings",
+     json.dumps({"model": "emb", "input": "a\ud800"}).encode("utf-16"), {}, 400, "invalid_json"),  # UTF-8 only
+    ("utf16-body", "POST", "/v1/classify", json.dumps(OK).encode("utf-16"), {}, 400, "invalid_json"),
     ("unknown-field-name-unpaired-surrogate", "POST", "/v1/classify", {**OK, "k\ud83d": 1}, {}, 400,
      "invalid_unicode"),
     ("admin-add-labels-unpaired-surrogate", "POST", "/v1/adapters", {"name": "x1", "source": "/tmp",
@@ -187,3 +190,9 @@ def test_an_adapter_whose_weights_overflow_answers_422_not_nan(client, tmp_path)
         assert error["code"] == "non_finite_output" and "'huge'" in error["message"], error
     assert client.post("/v1/classify", json=OK).status_code == 200
     assert client.delete("/v1/adapters/huge", headers=KEY).status_code == 200
+
+
+def test_a_utf8_body_with_a_byte_order_mark_is_read(client):
+    r = client.post("/v1/classify", content="\ufeff".encode() + json.dumps(OK).encode(),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
