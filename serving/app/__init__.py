@@ -167,7 +167,8 @@ def free_ports(n: int, host: str = LOOPBACK) -> range:
 
 
 def loopback_setup_hook():
-    """A Ray worker setup hook: Serve replicas' inter-deployment gRPC server listens on 127.0.0.1, not [::].
+    """A Ray worker setup hook: Serve replicas' inter-deployment gRPC server listens on 127.0.0.1, not [::];
+    a direct-ingress HTTP port binds again at once after a stop or a crash (rebind_after_a_restart).
 
     Ray 2.60 binds it with `add_port_to_grpc_server(server, "[::]:0")` in ray/serve/_private/replica.py
     and has no setting for its host (ray-project/ray#64544). The hook replaces only that module's
@@ -191,7 +192,40 @@ def loopback_setup_hook():
         add_port_on_loopback.loopback_only = True
         replica.add_port_to_grpc_server = add_port_on_loopback
 
-    return serve_grpc_on_loopback
+    def rebind_after_a_restart() -> None:
+        """Direct ingress binds its HTTP socket without SO_REUSEADDR (ray/serve/_private/http_util.py), so a
+        port with connections of a previous server still in TIME_WAIT or FIN_WAIT (a stop or a crash with
+        clients connected) cannot be bound for a minute; Ray then blocks the port for good. `make serve` started
+        again after Ctrl-C with keep-alive clients failed to deploy, and an ingress replica killed under load
+        was never replaced. SO_REUSEADDR (what uvicorn and nginx set) binds past those, never past a listener."""
+        import socket as stdlib
+
+        try:
+            from ray.serve._private import http_util
+        except ImportError:
+            return
+        if getattr(http_util.socket, "reuse_address", False):
+            return
+
+        class SocketModule:  # the socket module as http_util sees it, whose sockets have SO_REUSEADDR set
+            reuse_address = True
+
+            def __getattr__(self, name):
+                return getattr(stdlib, name)
+
+            @staticmethod
+            def socket(*args, **kwargs):
+                sock = stdlib.socket(*args, **kwargs)
+                sock.setsockopt(stdlib.SOL_SOCKET, stdlib.SO_REUSEADDR, 1)
+                return sock
+
+        http_util.socket = SocketModule()
+
+    def setup() -> None:
+        serve_grpc_on_loopback()
+        rebind_after_a_restart()
+
+    return setup
 
 
 def run(config_path: str | Path | None = None, **overrides) -> None:

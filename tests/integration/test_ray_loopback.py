@@ -186,3 +186,78 @@ def test_make_serve_listens_on_loopback_only_and_stops_with_ray(tmp_path):
 
 def _tail(tmp_path: Path) -> str:
     return (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def _start_serving(config: Path, tmp_path: Path, log_name: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (tmp_path / log_name).open("w")
+    return subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, log: Path, seconds: float) -> float:
+    """Seconds until GET /ready answers 200."""
+    start = time.monotonic()
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - start < seconds, f"/ready not 200 within {seconds} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            for pid in process_tree(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            proc.wait(timeout=30)
+
+
+def _connected_clients(port: int, n: int = 4) -> list[httpx.Client]:
+    """Clients with a kept-alive connection each: the server closes them first when it goes."""
+    clients = [httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) for _ in range(n)]
+    for client in clients:
+        assert client.get("/health").status_code == 200
+    return clients
+
+
+def test_make_serve_survives_its_ingress_replica_being_killed_and_starts_again_at_once_after_ctrl_c(tmp_path):
+    """Direct ingress binds its port without SO_REUSEADDR in Ray: with clients connected, an ingress replica
+    killed (OOM killer, a crash) was never replaced (the port, in TIME_WAIT, was blocked for good), and
+    `make serve` started again right after Ctrl-C failed to deploy. Both now come back on the same port."""
+    port = free_port()
+    config = _serve_config(tmp_path, port)
+    proc = _start_serving(config, tmp_path, "first.log")
+    try:
+        _wait_ready(proc, port, tmp_path / "first.log", 240)
+        clients = _connected_clients(port)
+        ingress = [pid for pid in process_tree(proc.pid) if "ServeReplica:polyhead:Ingress" in _command(pid)]
+        assert len(ingress) == 1, [_command(pid) for pid in process_tree(proc.pid)]
+        os.kill(ingress[0], signal.SIGKILL)
+        back = _wait_ready(proc, port, tmp_path / "first.log", 120)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "sentiment", "input": "lovely"})
+        assert r.status_code == 200 and r.json()["data"][0]["label"] == "positive", r.text
+        clients += _connected_clients(port)
+        _stop(proc)
+        assert proc.returncode == 0
+        for client in clients:
+            client.close()
+        again = _start_serving(config, tmp_path, "second.log")  # at once: the port's old connections linger
+        try:
+            _wait_ready(again, port, tmp_path / "second.log", 240)
+        finally:
+            _stop(again)
+        assert again.returncode == 0
+        print(f"ingress replica replaced, /ready again after {back:.1f} s")
+    finally:
+        _stop(proc)
