@@ -244,6 +244,7 @@ class Gate:
 
 
 TIMEOUT = object()
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 
 async def _read_body(receive, config: dict | None):
@@ -263,9 +264,14 @@ async def _read_body(receive, config: dict | None):
             if not message.get("more_body", False) or size > limit:  # whole, or too large: the ingress says 413
                 return True
 
+    seconds = config["body_s"] if config else BODY_TIMEOUT_S
     try:
-        whole = await asyncio.wait_for(read(), config["body_s"] if config else BODY_TIMEOUT_S)
-    except asyncio.TimeoutError:
+        if _timeout is not None:  # a timer on this task: no new task per request, as wait_for makes
+            async with _timeout(seconds):
+                whole = await read()
+        else:
+            whole = await asyncio.wait_for(read(), seconds)
+    except (asyncio.TimeoutError, TimeoutError):
         return TIMEOUT
     if not whole:
         return None
