@@ -199,8 +199,9 @@ class ModelServer:
                     item.update(row_error("model_not_found", f"unknown model {row.get('adapter')!r} (removed)"))
                 elif res.error_code == "non_finite":  # the adapter is broken for this input, not the request
                     what = "the base model" if row.get("adapter") is None else f"adapter {row['adapter']!r}"
+                    dtype = str(self.engine.dtype).removeprefix("torch.")
                     item.update(row_error("non_finite_output", f"{what} gave non-finite values (NaN or Inf) on this "
-                                          f"input: its weights overflow {str(self.engine.dtype).removeprefix('torch.')}"))
+                                          f"input: its weights overflow {dtype}"))
                 else:
                     item.update(row_error("invalid_input", res.error))
             elif row.get("need") == "embedding":
