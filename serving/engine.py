@@ -379,9 +379,7 @@ class Engine:
             res = results[row.index]
             logits, embedding = outputs[i]
             if not (bool(torch.isfinite(embedding).all()) and (logits is None or bool(torch.isfinite(logits).all()))):
-                what = "the base model" if row.name is None else f"adapter {row.name!r}"
-                res.error, res.error_code = (f"{what} gave non-finite values (NaN or Inf) on this input: its "
-                                             f"weights overflow {str(self.dtype).removeprefix('torch.')}"), "non_finite"
+                res.error, res.error_code = non_finite_message(row.name, self.dtype), "non_finite"
                 continue
             res.logits, res.embedding = logits, embedding
             spec = specs.get(row.name)
@@ -457,6 +455,13 @@ class Engine:
         keep = (torch.arange(P, device=ids.device) >= n).unsqueeze(2)  # [k, P, 1]: past the row's prompt
         embeds[row0:row1, :P] = torch.where(keep, embeds[row0:row1, :P], prompts.to(embeds.dtype))
         return embeds
+
+
+def non_finite_message(adapter: str | None, dtype: torch.dtype) -> str:
+    """The row error of a row whose outputs are NaN or Inf (error_code "non_finite")."""
+    what = "the base model" if adapter is None else f"adapter {adapter!r}"
+    return (f"{what} gave non-finite values (NaN or Inf) on this input: its weights overflow "
+            f"{str(dtype).removeprefix('torch.')}")
 
 
 def _split_by_length(rows: list[_Row]) -> list[list[_Row]]:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from adapters_store import BaseSchema
 
@@ -44,6 +44,17 @@ def make_lora(folder: Path, schema: BaseSchema, *, seed: int, r: int = 8, alpha:
         "modules_to_save": ["classifier"] if head else None,
     }
     (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def make_overflowing_lora(folder: Path, schema: BaseSchema, *, seed: int = 9) -> Path:
+    """A SEQ_CLS LoRA folder that passes validation (every weight finite) but whose one weight of 1e30, in the last
+    layer's value lora_B, turns the hidden states into NaN in the forward."""
+    make_lora(folder, schema, seed=seed, head="SEQ_CLS", num_labels=2)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in weights if "layer.5.attention.self.value.lora_B" in k)
+    weights[key][0, 0] = 1e30
+    save_file(weights, str(folder / "adapter_model.safetensors"))
     return folder
 
 

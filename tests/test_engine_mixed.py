@@ -10,7 +10,7 @@ import torch
 from adapters_store import AdapterError
 from serving import Engine, Request
 
-from .adapter_factory import make_lora
+from .adapter_factory import make_lora, make_overflowing_lora
 from .conftest import base_path, minilm_path
 
 SENTENCES = [
@@ -286,16 +286,9 @@ def test_shared_input_groups_fuse_and_survive_rank_growth(tmp_path):
 def test_an_adapter_whose_weights_overflow_gets_a_row_error_and_the_other_rows_are_unharmed(adapters, tmp_path):
     """A finite weight of 1e30 passes validation but turns the hidden states into NaN: that row answers an error
     (error_code "non_finite"), never NaN logits or embeddings; the rows beside it in the batch are as alone."""
-    from safetensors.torch import load_file, save_file
-
     from adapters_store import BaseSchema
 
-    folder = make_lora(tmp_path / "huge", BaseSchema.from_config_dir(minilm_path()), seed=9, head="SEQ_CLS",
-                       num_labels=2)
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    key = next(k for k in weights if "layer.5.attention.self.value.lora_B" in k)
-    weights[key][0, 0] = 1e30
-    save_file(weights, str(folder / "adapter_model.safetensors"))
+    folder = make_overflowing_lora(tmp_path / "huge", BaseSchema.from_config_dir(minilm_path()))
     eng = make_engine(adapters, names=["seq_qv", "tok_all"])
     eng.load_adapter("huge", folder)
     rows = [("seq_qv", SENTENCES[1]), ("huge", SENTENCES[1]), (None, SENTENCES[2]), ("huge", SENTENCES[4]),

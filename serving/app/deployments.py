@@ -29,7 +29,7 @@ from ray import serve
 
 from adapters_store import AdapterError, AdapterStore, parse_ref
 
-from ..engine import Engine, Request
+from ..engine import Engine, Request, non_finite_message
 from .config import ServeConfig
 from .hub import MetricsPusher
 from .metrics import MODEL_SERIES, Recorder
@@ -198,10 +198,8 @@ class ModelServer:
                 if self._gone(row):  # removed while the row waited: name what the client asked for, not the key
                     item.update(row_error("model_not_found", f"unknown model {row.get('adapter')!r} (removed)"))
                 elif res.error_code == "non_finite":  # the adapter is broken for this input, not the request
-                    what = "the base model" if row.get("adapter") is None else f"adapter {row['adapter']!r}"
-                    dtype = str(self.engine.dtype).removeprefix("torch.")
-                    item.update(row_error("non_finite_output", f"{what} gave non-finite values (NaN or Inf) on this "
-                                          f"input: its weights overflow {dtype}"))
+                    message = non_finite_message(row.get("adapter"), self.engine.dtype)  # the client's name
+                    item.update(row_error("non_finite_output", message))
                 else:
                     item.update(row_error("invalid_input", res.error))
             elif row.get("need") == "embedding":

@@ -125,24 +125,10 @@ def _serve_config(tmp_path: Path, port: int) -> Path:
 
 def test_make_serve_listens_on_loopback_only_and_stops_with_ray(tmp_path):
     port = free_port()
-    config = _serve_config(tmp_path, port)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start_serving(_serve_config(tmp_path, port), tmp_path, "serve.log")
     tree: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{_tail(tmp_path)}"
-            if "polyhead: serving" in _tail(tmp_path):  # printed once serve.run has returned
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            assert time.monotonic() < deadline, f"/ready not 200 within 240 s:\n{_tail(tmp_path)}"
-            time.sleep(0.5)
+        _wait_ready(proc, port, tmp_path / "serve.log", 240)
 
         tree = process_tree(proc.pid)
         sockets = listening_sockets()
@@ -181,7 +167,6 @@ def test_make_serve_listens_on_loopback_only_and_stops_with_ray(tmp_path):
                     except OSError:
                         pass
             proc.wait(timeout=30)
-        log.close()
 
 
 def _tail(tmp_path: Path) -> str:
@@ -189,10 +174,11 @@ def _tail(tmp_path: Path) -> str:
 
 
 def _start_serving(config: Path, tmp_path: Path, log_name: str) -> subprocess.Popen:
+    """`polyhead serve` as `make serve` runs it, its output into tmp_path / log_name."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = (tmp_path / log_name).open("w")
-    return subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with (tmp_path / log_name).open("w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, log: Path, seconds: float) -> float:
