@@ -21,8 +21,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# `make serve CONFIG=my.yaml` serves another config (the environment does not set it); SIGTERM or SIGINT drains and stops
+CONFIG = deploy/serve_config.yaml
 serve: $(STAMP)
-	$(PY) -m serving.cli serve --config deploy/serve_config.yaml
+	$(PY) -m serving.cli serve --config $(CONFIG)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py

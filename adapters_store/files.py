@@ -7,6 +7,8 @@ values for NaN/Inf.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +53,55 @@ def refuse_pickles(folder: Path) -> None:
             )
 
 
-def read_json(path: Path, limits: FileLimits) -> dict:
-    if not path.is_file():
-        raise AdapterError(f"{path}: missing")
-    size = path.stat().st_size
-    if size > limits.max_json_bytes:
-        raise AdapterError(f"{path}: {size} bytes, over the {limits.max_json_bytes}-byte limit for a config file")
+_READ_CHUNK = 1024**2
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of the adapter file `path`, read with a cap: at most `limit` bytes, whatever its size claims
+    (a /proc file reports 0). Only a regular file inside the adapter's folder (`path.parent`) is read: a
+    symlink that leaves it, a FIFO, a device or a socket is refused before a byte is read."""
+    folder = path.parent.resolve()
     try:
-        value = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        raise AdapterError(f"{path}: missing") from None
+    if target != folder / path.name and not target.is_relative_to(folder):
+        raise AdapterError(f"{path}: a symlink that leaves the adapter folder (to {target}): refused")
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot be read: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise AdapterError(f"{path}: not a regular file: refused")
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        size = info.st_size
+        if size > limit:
+            raise AdapterError(f"{path}: {size} bytes, over the {limit}-byte limit for {what}")
+        data = bytearray()
+        while len(data) <= limit:
+            chunk = f.read(min(_READ_CHUNK, limit + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+    if len(data) > limit:
+        raise AdapterError(f"{path}: over the {limit}-byte limit for {what} (it grew, or reports a wrong size)")
+    return bytes(data)
+
+
+def read_json(path: Path, limits: FileLimits) -> dict:
+    if not os.path.lexists(path):
+        raise AdapterError(f"{path}: missing")
+    data = read_bounded(path, limits.max_json_bytes, "a config file")
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
         raise AdapterError(f"{path}: repeats the key {exc.args[0]!r} (ambiguous JSON)") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterError(f"{path}: JSON nested too deeply to be a config file") from None
     if not isinstance(value, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -70,14 +109,12 @@ def read_json(path: Path, limits: FileLimits) -> dict:
 
 def read_safetensors(path: Path, limits: FileLimits) -> dict[str, torch.Tensor]:
     """All tensors of a checked safetensors file, as float32 CPU tensors."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise AdapterError(f"{path}: missing")
-    size = path.stat().st_size
-    if size > limits.max_file_bytes:
-        raise AdapterError(f"{path}: {size} bytes, over the {limits.max_file_bytes}-byte adapter file limit")
+    data = read_bounded(path, limits.max_file_bytes, "an adapter file")
+    size = len(data)
     if size < 8:
         raise AdapterError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-    data = path.read_bytes()
     header, header_len = _read_header(path, data, limits)
     _check_spans(path, [_check_entry(path, name, entry) for name, entry in header.items()], size - 8 - header_len)
     try:
@@ -106,6 +143,8 @@ def _read_header(path: Path, data: bytes, limits: FileLimits) -> tuple[dict, int
         raise AdapterError(f"{path}: safetensors header repeats the key {exc.args[0]!r}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: safetensors header is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterError(f"{path}: safetensors header nested too deeply (not a tensor table)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)

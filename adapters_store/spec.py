@@ -106,6 +106,9 @@ class AdapterSpec:
     # full copies of base weights a format saved beside the adapter (PEFT with an adapted lm_head):
     # they must equal the served base's, which the engine checks at load
     base_copies: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # what registration should tell the user about an adapter that loads but may not do what they expect
+    # (labels missing, no head, a PEFT config without task_type): adapters_store/loader.py's registration_warnings
+    warnings: tuple[str, ...] = ()
 
     @property
     def max_rank(self) -> int:

@@ -3,7 +3,8 @@
 Layout, the same on a local disk and on an fsspec object store:
 
     <root>/<name>/<version>/<the format's files (FORMAT_FILES)>, polyhead.json
-    <root>/<name>/<version>.removed     a removed version: its number is never handed out again
+    <root>/<name>/<version>.removed     object stores: a removed version, its number never handed out again
+    <root>/.removed/<name>@<version>    local disks: the same, at most one per name (adapters_store/tombstones.py)
     <root>/.tmp/                        local disks: staging and deletion area, ignored by readers
 
 Local disks publish a version by writing it into `<root>/.tmp/<random>`, fsyncing, then renaming the
@@ -18,6 +19,7 @@ sha256, and the overall sha256: the sha256 of the lines "<file sha256>  <file na
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,15 +28,18 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import listing, tombstones
 from .errors import AdapterError
 from .names import check_name
+from .tombstones import listdir
 
 if TYPE_CHECKING:
     from .base import BaseSchema
+    from .sources import SourcePolicy
 
 META_FILE = "polyhead.json"
 COMMIT_FILE = "COMMITTED"
@@ -66,6 +71,8 @@ class AdapterVersion:
     created: float  # Unix time of publishing
     task: str | None = None  # its head's task (seq_cls, multilabel, token_cls); None: no head, or not recorded
     head_labels: tuple[str, ...] | None = None  # the labels its head answers (the given ones, else its own)
+    # from validating it when it was added (AdapterSpec.warnings): what `add` says, not recorded, not compared
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def ref(self) -> str:
@@ -154,15 +161,14 @@ class AdapterStore:
     # ---- public API --------------------------------------------------------------------------
 
     def add(self, name: str, source: str | os.PathLike, *, schema: BaseSchema, labels: list[str] | None = None,
-            max_rank: int = 64, progress: bool = False) -> AdapterVersion:
+            max_rank: int = 64, progress: bool = False, policy: SourcePolicy | None = None) -> AdapterVersion:
         """Validate the adapter folder `source` (a path, or a URL: adapters_store/sources.py) fully, then publish it
-        as the next version of `name`."""
+        as the next version of `name`. `policy`: which URLs, how long, how much (default: the operator's)."""
         check_name(name)
-        if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
-            raise AdapterError(f"labels must be a list of strings, got {labels!r:.80}")
-        from .sources import is_url, short, source_folder  # torch (file limits): loaded where an adapter is added
+        listing.check_labels(labels)  # count (against the head), size and characters: all before publishing
+        from .sources import SourcePolicy, is_url, short, source_folder  # torch (file limits): where one is added
 
-        with source_folder(source, STORED_FILES) as folder:
+        with source_folder(source, STORED_FILES, policy=policy or SourcePolicy()) as folder:
             try:
                 return self._add(name, folder, schema, labels, max_rank, progress)
             except AdapterError as exc:
@@ -193,11 +199,15 @@ class AdapterStore:
             "labels": list(labels) if labels is not None else None, "created": None, "files": {}, "sha256": None,
             "head": None if spec.head is None else {"task": spec.head.task, "labels": list(spec.head.labels or ())},
         }
+        listing.check_meta_size(len(_json_bytes(meta)), MAX_META_BYTES)  # what readers refuse is never published
         total = sum(s.st_size for s in stats.values())
         with _progress_bar(total, f"adding {name}", progress) as bar:
             if self.is_local:
-                return self._add_local(folder, files, stats, meta, bar)
-            return self._add_remote(folder, files, stats, meta, bar)
+                found = self._add_local(folder, files, stats, meta, bar)
+            else:
+                found = self._add_remote(folder, files, stats, meta, bar)
+        listing.mark_changed(self)
+        return dataclasses.replace(found, warnings=spec.warnings)
 
     def resolve(self, ref: str, *, verify: bool = False) -> AdapterVersion:
         """`name` -> its latest published version; `name@N` -> version N. `verify` re-hashes local files."""
@@ -220,21 +230,22 @@ class AdapterStore:
         except FileNotFoundError as exc:
             raise AdapterError(f"adapter {name}@{version} was removed while being resolved") from exc
 
+    def names(self) -> list[str]:
+        """The names the store holds (a name whose versions are all removed may still appear on object stores)."""
+        return self._names()
+
     def published_versions(self, name: str) -> list[int]:
         """The published versions of `name`, ascending ([] for none); AdapterError for an invalid name."""
         check_name(name)
         return sorted(self._versions(name))
 
     def list(self) -> list[AdapterVersion]:
-        """All published versions, sorted by name then version."""
-        out = []
-        for name in self._names():
-            for version in sorted(self._versions(name)):
-                try:
-                    out.append(self._read_local(name, version) if self.is_local else self._remote_entry(name, version))
-                except FileNotFoundError:  # removed while listing
-                    continue
-        return out
+        """All readable published versions, sorted by name then version (broken ones: listing.scan)."""
+        return listing.scan(self).versions
+
+    def entry(self, name: str, version: int) -> AdapterVersion:
+        """A published version's record, without downloading it; AdapterError if it cannot be read."""
+        return self._read_local(name, version) if self.is_local else self._remote_entry(name, version)
 
     def remove(self, name: str, version: int | None = None) -> list[AdapterVersion]:
         """Remove one version, or every version of `name`; returns what was removed.
@@ -251,13 +262,17 @@ class AdapterStore:
             what = name if version is None else f"{name}@{version}"
             raise AdapterError(f"unknown adapter {what!r} (not in the store {self.url})")
         removed = []
-        for v in targets:
-            try:
-                entry = self._read_local(name, v) if self.is_local else self._remote_entry(name, v)
-                self._remove_local(name, v) if self.is_local else self._remove_remote(name, v)
-            except FileNotFoundError as exc:
-                raise AdapterError(f"adapter {name}@{v} was removed meanwhile") from exc
-            removed.append(entry)
+        try:
+            for v in targets:
+                try:
+                    entry = listing.entry_or_placeholder(self, name, v)  # a broken version is removed all the same
+                    self._remove_local(name, v) if self.is_local else self._remove_remote(name, v)
+                except FileNotFoundError as exc:
+                    raise AdapterError(f"adapter {name}@{v} was removed meanwhile") from exc
+                removed.append(entry)
+        finally:
+            if removed:
+                listing.mark_changed(self)
         return removed
 
     # ---- local disk --------------------------------------------------------------------------
@@ -316,11 +331,8 @@ class AdapterStore:
         """Every number used by `name`: published, removed, or (object stores) claimed."""
         if not self.is_local:
             return {v for v, _ in self._remote_scan(name)}
-        try:
-            entries = os.listdir(self.root / name)
-        except (FileNotFoundError, NotADirectoryError):
-            return set()
-        return {int(m.group(1)) for e in entries if (m := ENTRY_RE.fullmatch(e))}
+        entries = listdir(self.root / name)  # published versions, and `N.removed` markers of older stores
+        return {int(m.group(1)) for e in entries if (m := ENTRY_RE.fullmatch(e))} | tombstones.numbers(self.root, name)
 
     def _read_local(self, name: str, version: int) -> AdapterVersion:
         path = self.root / name / str(version)
@@ -336,11 +348,12 @@ class AdapterStore:
         tmp_root = self.root / TMP_DIR
         tmp_root.mkdir(exist_ok=True)
         name_dir = self.root / name
-        (name_dir / f"{version}{REMOVED_SUFFIX}").touch()  # the number stays used
+        tombstones.bury(self.root, name, version)  # the number stays used
         trash = tmp_root / f"rm-{secrets.token_hex(8)}"
         os.rename(name_dir / str(version), trash)
         _fsync_dir(name_dir)
         shutil.rmtree(trash, ignore_errors=True)
+        tombstones.tidy(self.root, name, max(self._all_numbers(name), default=0))
 
     # ---- listing, both kinds -----------------------------------------------------------------
 

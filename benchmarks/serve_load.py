@@ -510,8 +510,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process Engine.infer rows")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.0)
-    ap.add_argument("--max-pending-rows", type=int, default=48,
-                    help="ServeConfig.max_pending_rows (default 48, as deploy/serve_config.yaml)")
+    ap.add_argument("--max-pending-rows", type=int, default=None,
+                    help="ServeConfig.max_pending_rows (default: its default, as deploy/serve_config.yaml)")
+    ap.add_argument("--max-queue-wait-s", type=float, default=None,
+                    help="ServeConfig.max_queue_wait_s (default: its default, as deploy/serve_config.yaml; "
+                         "0: a fixed limit of max_pending_rows, as before admission by expected wait)")
     ap.add_argument("--max-models", type=int, default=8, help="multiplexed: max_num_models_per_replica")
     ap.add_argument("--replicas", type=int, default=os.cpu_count() or 1,
                     help="model replicas of polyhead and of the multiplexed app (default: one per core)")
@@ -565,10 +568,13 @@ def main(argv=None) -> None:
 
         cfg = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                "max_ongoing_requests": max(64, args.max_batch_size), "max_queued_requests": 256,
-               "max_pending_rows": args.max_pending_rows,
                "num_replicas": args.replicas, "num_threads": args.threads, "max_slots": N_ADAPTERS, "max_rank": 16,
                "dtype": dtype,
                "adapters": dirs}
+        if args.max_pending_rows is not None:
+            cfg["max_pending_rows"] = args.max_pending_rows
+        if args.max_queue_wait_s is not None:
+            cfg["max_queue_wait_s"] = args.max_queue_wait_s
         if args.engine_nice is not None:
             cfg["engine_nice"] = args.engine_nice
         if args.max_model_calls is not None:

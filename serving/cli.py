@@ -7,6 +7,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+DEFAULT_CONFIG = "deploy/serve_config.yaml"
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """Usage mistakes print one line and exit 1, like every other user error of `polyhead adapters`."""
@@ -29,9 +31,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return adapters_command(args)
     if args.command == "serve":
-        from .app import run
+        from .app import ConfigError, run
 
-        run(args.config)
+        try:
+            run(args.config)
+        except ConfigError as exc:  # one line (or one per invalid field), as `polyhead adapters` errors
+            print(f"polyhead serve: error: {exc}", file=sys.stderr)
+            return 1
         return 0
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_throughput.py"
     if not script.is_file():
@@ -49,16 +55,36 @@ def _add_adapters_parser(sub) -> None:
     add = actions.add_parser("add", help="validate an adapter folder and publish it as NAME's next version")
     add.add_argument("name", metavar="NAME")
     add.add_argument("path", metavar="PATH|URL", help="adapter folder (PEFT or AdapterHub), or its fsspec URL "
-                     "(s3://..., gs://..., http(s)://... with a directory listing)")
+                     "(s3://..., gs://..., http(s)://... with a directory listing): any URL, as the operator "
+                     "(the server's source_schemes/source_hosts apply to POST /v1/adapters), fetched within 300 s")
     add.add_argument("--labels", help="comma-separated label names of the adapter's head, e.g. neg,pos")
     add.add_argument("--store", help=store_help)
     add.add_argument("--base", help="base model folder the adapter is checked against (default: bundled MiniLM)")
     add.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank accepted (default 64)")
-    ls = actions.add_parser("list", help="list published adapter versions")
-    ls.add_argument("--store", help=store_help)
+    ls = actions.add_parser("list", help="list published adapter versions, and a serve config's adapters")
+    ls.add_argument("--store", help=store_help + "; with a config: its store_root")
+    ls.add_argument("--config", help="a serve config whose `adapters` to list too, marked 'config' (default without "
+                    f"--store: {DEFAULT_CONFIG} when it is in the current folder; 'none': no config)")
     rm = actions.add_parser("rm", help="remove NAME (every version) or NAME@N")
     rm.add_argument("ref", metavar="NAME[@N]")
     rm.add_argument("--store", help=store_help)
+
+
+def _list_config(path: str | None, store: str | None):
+    """The ServeConfig whose adapters `adapters list` shows: --config, else (without --store) DEFAULT_CONFIG
+    when it is in the current folder."""
+    from adapters_store import AdapterError
+
+    if path is None:
+        path = DEFAULT_CONFIG if store is None and Path(DEFAULT_CONFIG).is_file() else "none"
+    if path == "none":
+        return None
+    from .app.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise AdapterError(" ".join(str(exc).split())) from None
 
 
 def adapters_command(args) -> int:
@@ -93,10 +119,24 @@ def _run_adapters(args) -> int:
             raise AdapterError(f"--base {base}: no such model folder")
         schema = BaseSchema.from_config_dir(base)
         found = store.add(args.name, args.path, schema=schema, labels=labels, max_rank=args.max_rank, progress=True)
-        print(f"added {found.ref} sha256:{found.sha256} ({found.path})")
+        print(f"added {found.ref} sha256:{found.sha256} ({found.path})", flush=True)  # before the warnings
+        for warning in found.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     elif args.action == "list":
-        rows = [(v.ref, v.sha256[:12], datetime.fromtimestamp(v.created).isoformat(" ", "seconds"), v.task or "-",
-                 ",".join(v.labels or v.head_labels or ()) or "-") for v in store.list()]
+        config = _list_config(args.config, args.store)
+        if config is not None and args.store is None:
+            store = AdapterStore(config.store_root)
+        rows = [(name, "config", "-", "-", ",".join(a.labels or ()) or "-")
+                for name, a in sorted((config.adapters if config is not None else {}).items())]
+        from adapters_store.listing import scan
+
+        found = scan(store)  # an unreadable version is listed as BROKEN (and why, on stderr), never an error
+        rows += [(v.ref, v.sha256[:12], datetime.fromtimestamp(v.created).isoformat(" ", "seconds"), v.task or "-",
+                  ",".join(v.labels or v.head_labels or ()) or "-") for v in found.versions]
+        rows += [(b.ref, "BROKEN", "-", "-", "-") for b in found.broken]
+        for b in found.broken:
+            print(f"warning: {b.ref} cannot be read ({b.error}); remove it: polyhead adapters rm {b.ref}",
+                  file=sys.stderr)
         header = ("ADAPTER", "SHA256", "CREATED", "TASK", "LABELS")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
         for row in [header, *rows]:

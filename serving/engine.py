@@ -153,6 +153,12 @@ class Engine:
         engine.sentence = read_sentence_pipeline(base_dir)
         return engine
 
+    @property
+    def embedding_max_tokens(self) -> int:
+        """The longest input whose `embedding` is the base's sentence-transformers embedding: its max_seq_length
+        (longer inputs it cuts; serving/sentence.py), at most max_tokens. /v1/embeddings keeps to it."""
+        return min(self.sentence.max_tokens or self.max_tokens, self.max_tokens)
+
     # adapters -----------------------------------------------------------------------------
 
     def validate_adapter(self, name: str, path: str | Path, labels: list[str] | None = None) -> AdapterSpec:
@@ -415,7 +421,9 @@ class Engine:
             self._state.prefix_rows = (row0, slots, n_prefix)
             shift = torch.zeros(B, dtype=torch.long, device=dev)
             shift[row0:] = n_prefix
-            inputs["position_ids"] = pos.unsqueeze(0) + shift.unsqueeze(1)  # real tokens follow the prefix
+            # real tokens follow the prefix; a prefix row's padding beside a longer row would pass the last
+            # position (512 on BERT: an index error), and is masked: it takes the last one
+            inputs["position_ids"] = (pos.unsqueeze(0) + shift.unsqueeze(1)).clamp(max=self.schema.max_positions - 1)
         self.forwards += 1
         self.body_rows += B
         if self.causal:

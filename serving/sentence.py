@@ -12,6 +12,12 @@ weightedmean, lasttoken); /v1/embeddings serves what the pipeline defines on top
 - a pipeline polyhead cannot compute (several pooling modes at once, a `Dense` layer, an unreadable config):
   `unsupported` says why, and the route refuses with it rather than answer a different vector.
 
+Its Transformer module's `sentence_bert_config.json` sets `max_seq_length` (256 for all-MiniLM-L6-v2, whose
+BERT takes 512 positions): sentence-transformers cuts longer inputs to it, so an embedding of a longer input is
+not the base's embedding. `max_tokens` carries it; /v1/embeddings refuses longer inputs (413) or cuts them as
+the library does when asked (`truncate`, serving/truncation.py). Without the file (or the key) the limit is the
+model's own.
+
 One difference: "cls" pools the input's first token. sentence-transformers pools position 0, which for a
 prompt-tuning adapter's row is its first virtual token.
 """
@@ -28,6 +34,11 @@ POOLING_MODES = {  # sentence-transformers' Pooling config keys -> heads.pool's 
     "pooling_mode_lasttoken": "lasttoken",
 }
 MAX_CONFIG_BYTES = 1 << 20  # a modules.json or pooling config.json larger than this is not a config
+TRANSFORMER_CONFIGS = (  # the Transformer module's config, by the names sentence-transformers looks for, in order
+    "sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+    "sentence_camembert_config.json", "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class SentencePipeline:
     pooling: str = "mean"  # heads.pool's mode
     unsupported: str | None = None  # why /v1/embeddings cannot give this base's embedding, if it cannot
     source: str = "default"  # "sentence-transformers" when read from modules.json
+    max_tokens: int | None = None  # its max_seq_length: the longest input it embeds (None: the model's limit)
 
 
 def read_sentence_pipeline(base_dir: str | Path) -> SentencePipeline:
@@ -59,6 +71,8 @@ def read_sentence_pipeline(base_dir: str | Path) -> SentencePipeline:
         config = _read_json(path / "config.json")
         if not isinstance(config, dict):
             raise ValueError("the Pooling config is not an object")
+        transformer = next(m for m in modules if str(m.get("type", "")).rsplit(".", 1)[-1] == "Transformer")
+        max_tokens = _max_seq_length(_inside(base, str(transformer.get("path", ""))))
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         return _unsupported(f"its sentence-transformers config cannot be read: {exc}")
     modes = [mode for mode in POOLING_MODES if config.get(mode) is True]
@@ -70,7 +84,22 @@ def read_sentence_pipeline(base_dir: str | Path) -> SentencePipeline:
     normalize = "Normalize" in kinds
     if normalize and kinds[-1] != "Normalize":
         return _unsupported("its sentence-transformers pipeline normalises before its last module")
-    return SentencePipeline(normalize=normalize, pooling=POOLING_MODES[modes[0]], source="sentence-transformers")
+    return SentencePipeline(normalize=normalize, pooling=POOLING_MODES[modes[0]], source="sentence-transformers",
+                            max_tokens=max_tokens)
+
+
+def _max_seq_length(folder: Path) -> int | None:
+    """The Transformer module's max_seq_length, None where its config has none (or there is no config)."""
+    path = next((folder / name for name in TRANSFORMER_CONFIGS if (folder / name).is_file()), None)
+    if path is None:
+        return None
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path.name} is not an object")
+    value = config.get("max_seq_length")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{path.name}: max_seq_length {value!r} is not a positive integer")
+    return value
 
 
 def _unsupported(why: str) -> SentencePipeline:

@@ -197,7 +197,7 @@ CASES = [
     case("header-negative-dim", rf"{TENSOR_A} has an invalid shape \[-8, 384\]", set_entry(KEY_A, "shape", [-8, 384])),
     case("header-overlapping-tensors", rf"{WEIGHTS_RE}: tensor '[^']+' data does not follow the previous tensor",
          header(lambda h: h[KEY_B].__setitem__("data_offsets", h[KEY_A]["data_offsets"]))),
-    case("file-over-size-limit", rf"{WEIGHTS_RE}: \d+ bytes, over the 100000-byte adapter file limit",
+    case("file-over-size-limit", rf"{WEIGHTS_RE}: \d+ bytes, over the 100000-byte limit for an adapter file",
          limits=FileLimits(max_file_bytes=100_000)),
     case("header-over-size-limit", rf"{WEIGHTS_RE}: safetensors header of \d+ bytes, over the 256-byte limit",
          limits=FileLimits(max_header_bytes=256)),
@@ -403,6 +403,7 @@ def test_engine_refuses_bad_adapters_and_keeps_serving(tmp_path):
     eng = Engine.from_pretrained(str(minilm_path()), max_slots=4)
     good = eng.load_adapter("good", good_copy(tmp_path / "good"))
     request = [Request(adapter="good", input_ids=[101, 7592, 2088, 102])]
+    eng.infer(request)  # the first forward fuses modules that share an input: the outputs compared come after it
     (before,) = eng.infer(request)
     assert before.error is None and before.logits is not None and before.logits.shape == (3,)
 

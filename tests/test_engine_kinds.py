@@ -88,6 +88,22 @@ def test_rows_of_very_different_lengths_run_in_separate_forwards(engine):
     assert_same(got[1], alone(engine, "lora_seq", INPUTS[3]), "short row")
 
 
+def test_a_prefix_row_at_its_limit_beside_a_row_of_every_position_equals_each_alone(engine):
+    """512 positions: a prefix row of 505 tokens (7 virtual) fills them; padded to a 512-token row's length in
+    one forward, its padding would take positions 512-518 (BERT's position embeddings end at 511)."""
+    full = [101] + [2000 + i % 300 for i in range(510)] + [102]
+    limit = [101] + [3000 + i % 300 for i in range(503)] + [102]
+    requests = [Request(adapter="prefix7_tok", input_ids=limit), Request(adapter="lora_seq", input_ids=full),
+                Request(adapter="prefix3_seq", input_ids=full[:509])]
+    want = [alone(engine, r.adapter, list(r.input_ids)) for r in requests]
+    forwards = engine.forwards
+    got = engine.infer(requests)
+    assert engine.forwards == forwards + 1
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.error is None, g.error
+        assert_same(g, w, f"row {i} ({requests[i].adapter})")
+
+
 @pytest.fixture(scope="module")
 def multitask(tmp_path_factory):
     """Head-only adapters (no body weights) and one LoRA body under two different heads."""

@@ -35,7 +35,40 @@ MEAN_CONFIG = {"word_embedding_dimension": 384, "pooling_mode_cls_token": False,
 
 def test_the_bundled_minilm_is_mean_pooled_and_normalised():
     assert read_sentence_pipeline(minilm_path()) == SentencePipeline(normalize=True, unsupported=None,
-                                                                      source="sentence-transformers")
+                                                                      source="sentence-transformers", max_tokens=256)
+
+
+def test_the_longest_input_is_the_max_seq_length_sentence_transformers_loads():
+    """all-MiniLM-L6-v2's BERT takes 512 positions; its sentence_bert_config.json says 256, and the library,
+    loading the folder, cuts at 256 (an embedding of a longer input is not the base's)."""
+    from sentence_transformers import SentenceTransformer
+
+    from serving import Engine
+
+    assert SentenceTransformer(str(minilm_path()), device="cpu").max_seq_length == 256
+    engine = Engine.from_pretrained(str(minilm_path()), max_slots=1)
+    assert (engine.max_tokens, engine.embedding_max_tokens) == (512, 256)
+
+
+@pytest.mark.parametrize("files, want", [
+    ({}, None),  # no Transformer config: the model's own limit
+    ({"sentence_bert_config.json": {"do_lower_case": False}}, None),
+    ({"sentence_bert_config.json": {"max_seq_length": 128}}, 128),
+    ({"sentence_roberta_config.json": {"max_seq_length": 200}}, 200),  # the library's other names, in order
+    ({"sentence_bert_config.json": {"max_seq_length": 64}, "sentence_xlnet_config.json": {"max_seq_length": 9}}, 64),
+])
+def test_max_seq_length_is_read_from_the_transformer_modules_config(tmp_path, files, want):
+    for name, config in files.items():
+        (tmp_path / name).write_text(json.dumps(config))
+    got = read_sentence_pipeline(model_dir(tmp_path, [TRANSFORMER, pooling(), NORMALIZE], MEAN_CONFIG))
+    assert (got.max_tokens, got.unsupported) == (want, None)
+
+
+@pytest.mark.parametrize("value", [0, -5, "256", 2.5, True])
+def test_a_max_seq_length_that_is_not_a_positive_count_is_refused(tmp_path, value):
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": value}))
+    got = read_sentence_pipeline(model_dir(tmp_path, [TRANSFORMER, pooling(), NORMALIZE], MEAN_CONFIG))
+    assert "max_seq_length" in got.unsupported, got
 
 
 def test_the_bundled_pipeline_without_its_normalize_module_is_not_normalised(tmp_path):

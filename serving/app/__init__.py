@@ -1,14 +1,15 @@
 """The Ray Serve application: `build_app(config)` for serve.run / a Serve config file, `run()` to serve locally."""
 from __future__ import annotations
 
+import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import ConfigError, ServeConfig, load_config
+from . import stopping
 from .gate import CALLBACK as GATE_CALLBACK
 
 __all__ = ["ConfigError", "ServeConfig", "build_app", "direct_ingress_url", "load_config", "run", "start_local_ray"]
@@ -36,16 +37,20 @@ def build_app(config: ServeConfig | dict | str | Path | None = None):
         ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": cfg.replica_gpus()},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
+        logging_config={"log_level": cfg.log_level},
     ).bind(data)
     # the ingress only waits on the model: it must never queue in Ray's proxy (which answers in plain text)
+    # no access log of Serve's own: the ingress logs each request (serving/app/logs.py)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=1000,
+                           logging_config={"enable_access_log": False, "log_level": cfg.log_level},
                            ).bind(model, data)
 
 
 THROUGHPUT_OPTIMIZED = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
-def start_local_ray(num_cpus: int, direct_ingress_ports: range | None = None, **init_kwargs) -> None:
+def start_local_ray(num_cpus: int, direct_ingress_ports: range | None = None, job_log_level: str | None = None,
+                    forwarded_allow_ips: tuple[str, ...] | list[str] = (), **init_kwargs) -> None:
     """Start a new single-node Ray in this process whose every server listens on 127.0.0.1 only.
 
     An open Ray port runs arbitrary code (the dashboard/job API: CVE-2023-48022), so the embedded default
@@ -105,10 +110,17 @@ def start_local_ray(num_cpus: int, direct_ingress_ports: range | None = None, **
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
         constants.ENABLE_RAY_CLUSTER = False  # ray was imported before: the value the variable now gives
+    if job_log_level is not None:  # workers' stdout reaches this process's stdout as it is, without Ray's
+        init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level=job_log_level))  # prefix (logs.py)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # the root logger Ray sets up would print every call
     runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     runtime_env.setdefault("worker_process_setup_hook", loopback_setup_hook())
     env_vars = dict(runtime_env.get("env_vars") or {})
     env_vars.setdefault(THROUGHPUT_OPTIMIZED, os.environ.get(THROUGHPUT_OPTIMIZED, "1"))
+    # uvicorn (Serve's proxy, direct ingress) rewrites a request's client from X-Forwarded-For when the peer is in
+    # FORWARDED_ALLOW_IPS (its default: 127.0.0.1): a same-host proxy passing a client's own header made it "local"
+    # to the admin check. Only the configured proxies are believed (none by default; the environment wins).
+    env_vars.setdefault("FORWARDED_ALLOW_IPS", os.environ.get("FORWARDED_ALLOW_IPS", ",".join(forwarded_allow_ips)))
     runtime_env["env_vars"] = env_vars
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
              runtime_env=runtime_env, **init_kwargs)
@@ -234,21 +246,24 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
     With `direct_ingress` (the default), the ingress replica itself listens on host:port and Serve's proxy
     on a free port of the same host (the same app, one hop further); without it, the proxy listens on
     host:port. Ctrl-C or SIGTERM at any point, start-up included, shuts Serve and Ray's own processes down
-    and returns.
+    and returns; once serving, it drains first (ServeConfig.drain_timeout_s; serving/app/stopping.py, which also
+    stops the server under `make serve` when make alone got SIGINT).
     """
     cfg = load_config(config_path, **overrides)
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.num_replicas * cfg.replica_cpus() + cfg.ingress_num_cpus))
 
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM as Ctrl-C: unwind through the shutdown below
-    # Ctrl-C even where this process started with SIGINT ignored (a background job of a script inherits that)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stopping.install_handlers()  # SIGTERM and SIGINT raise KeyboardInterrupt: unwind through the stop below
+    parent, served = stopping.ParentMake(), False  # `make serve`: make's own SIGINT stops the server too
     try:
         ports = range(cfg.port, cfg.port + 1) if cfg.direct_ingress else None  # the one ingress replica
-        start_local_ray(num_cpus, direct_ingress_ports=ports)
+        start_local_ray(num_cpus, direct_ingress_ports=ports, job_log_level=cfg.log_level,
+                        forwarded_allow_ips=cfg.forwarded_allow_ips)
+        stopping.install_handlers()  # again: Ray's driver replaced SIGTERM's with its own (a stack dump, abort)
         from ray import serve
+
+        # Serve's INFO lines here named its proxy's port as where the app "is ready at" and said "Connecting to
+        # existing Serve app" on a fresh start: the banner below says where polyhead answers
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
         proxy_port = free_port(cfg.host) if cfg.direct_ingress else cfg.port
         serve.start(http_options={"host": cfg.host, "port": proxy_port})
@@ -259,21 +274,41 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
         dtype = serve.get_deployment_handle("ModelServer", "polyhead").info.remote().result()["dtype"]
         print(f"polyhead: serving {cfg.resolved_model_name()} ({dtype}) on http://{cfg.host}:{cfg.port} "
               f"(GET /ready, /v1/models, /metrics){via}; Ctrl-C to stop", flush=True)
-        while True:  # short sleeps: a signal that another thread received still runs its handler here soon
-            time.sleep(0.5)
+        served = True
+        stopping.wait_for_stop(parent)
     except KeyboardInterrupt:
         pass
     finally:
-        print("polyhead: shutting down", flush=True)
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave Ray half stopped
-                signal.signal(sig, signal.SIG_IGN)
-            try:
-                from ray import serve
+        _stop(cfg, served, stopping.Deferred())
 
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+def _stop(cfg: ServeConfig, served: bool, signals: stopping.Deferred) -> None:
+    """Drain (when the app served), stop Serve and Ray, end any process of theirs still running after a grace."""
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    ray = sys.modules.get("ray")
+    try:
+        if ray is None or not ray.is_initialized():
+            return
+        from ray import serve
+
+        if served:
+            log(f"polyhead: stopping: new requests answer 503 draining, those in flight finish (at most "
+                f"{cfg.drain_timeout_s:g} s)")
+            ingress = serve.get_deployment_handle("Ingress", "polyhead")
+            stopping.drain(lambda: ingress.stop_accepting.remote().result(timeout_s=5), cfg.drain_timeout_s,
+                           signals, log)
+        log("polyhead: shutting down")
+        procs = stopping.descendants()  # Ray's processes: its agents outlived the driver when it went abruptly
+        try:
+            serve.shutdown()
+        finally:
+            procs |= stopping.descendants()
+            ray.shutdown()
+            left = stopping.reap(procs)
+            if left:
+                log(f"polyhead: ended {len(left)} Ray process(es) still running after the shutdown")
+        log("polyhead: stopped")
+    finally:
+        signals.restore()

@@ -1,8 +1,22 @@
 """Admission control of one ingress replica: how many rows it has at the model, and the Retry-After of what it
 refuses.
 
-A request is admitted whole while fewer than `max_pending_rows` rows are at the model; beyond that it is refused
-(429) before its body is read, so a refusal costs little of the CPU the model needs.
+A request is admitted whole while the rows already at the model would be worked off within `max_wait_s`
+(ServeConfig.max_queue_wait_s) at the rate this replica has seen the model complete them (rows_per_s, below):
+
+    admitted  while  pending_rows < min_rows,  or  pending_rows / rows_per_s <= max_wait_s
+                     (rows_per_s not known yet: while pending_rows < max_pending_rows)
+    refused   always at pending_rows >= max_pending_rows (a bound on the memory a backlog holds)
+
+and refused (429) beyond, before its body is read, so a refusal costs little of the CPU the model needs. A
+fixed number of rows refused bursts on an idle server (`make serve`, 48 rows: 80 one-row requests at once got
+18 x 429, 256 got 208) although the model worked them off in about 2 s; counting the wait instead admits what
+the model can finish in time however fast it is, and a sustained overload is shed as soon as its backlog
+outgrows max_wait_s (the rate is known after min_busy_s of work). Until then (a start, a burst after a quiet
+spell of window_s) the limit is max_pending_rows; `min_rows` (the ingress: max_batch_size) is always
+admitted, whatever the rate says, so one batch's worth never waits for an estimate that a trickle of traffic
+made low. max_wait_s 0: a fixed limit of max_pending_rows rows. The front gate (serving/app/gate.py) applies
+the same rule to requests.
 
 Retry-After is the time the model needs to work off the rows already admitted plus one row for each client
 refused since the last advice went out, at the rate this replica has seen the model complete rows while it had
@@ -76,23 +90,36 @@ def current_client() -> tuple | None:
 
 
 class Admission:
-    def __init__(self, max_pending_rows: int, min_retry_s: int, max_retry_s: int, window_s: float = 10.0,
-                 min_busy_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_pending_rows: int, min_retry_s: int, max_retry_s: int, max_wait_s: float = 0.0,
+                 min_rows: int = 1, window_s: float = 10.0, min_busy_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
         if max_retry_s < min_retry_s:
             raise ValueError(f"max_retry_s ({max_retry_s}) is below min_retry_s ({min_retry_s})")
-        self.max_pending_rows = max_pending_rows
+        if not max_wait_s >= 0:  # NaN too
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.max_pending_rows = max_pending_rows  # the hard limit, and the limit while no rate is known
+        self.max_wait_s = max_wait_s  # 0: a fixed limit of max_pending_rows
+        self.min_rows = min_rows  # admitted below this many pending rows whatever the rate
         self.min_retry_s, self.max_retry_s = min_retry_s, max_retry_s
         self.window_s, self.min_busy_s = window_s, min_busy_s
         self.clock = clock
         self.pending_rows = 0  # rows sent to the model and not answered yet
         self._completed: deque[tuple[float, int]] = deque()  # (time, rows) of answered calls, last window_s
+        self._completed_rows = 0  # their rows
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) of spells with rows pending, last window_s
+        self._busy_s = 0.0  # their length
         self._busy_since: float | None = None  # start of the current spell, None while nothing is pending
         self._refused: OrderedDict[Hashable, float] = OrderedDict()  # client -> its last refusal, oldest first
         self._per_host: dict[Hashable, int] = {}  # host -> its clients in _refused
         self._counted = 0  # clients the advice counts: sum over hosts of min(its clients, MAX_WAITING_PER_HOST)
         self._anonymous = itertools.count()  # keys of refusals without a client key
         self._advice = min_retry_s  # the last Retry-After given
+
+    @classmethod
+    def of(cls, cfg) -> Admission:
+        """An ingress replica's, from its ServeConfig (its front gate gets the same values: Ingress._gate_config)."""
+        return cls(cfg.pending_rows_limit(), cfg.retry_after_s, cfg.max_retry_after_s, cfg.max_queue_wait_s,
+                   cfg.max_batch_size)
 
     @property
     def refused_clients(self) -> int:
@@ -102,7 +129,20 @@ class Admission:
 
     @property
     def full(self) -> bool:
-        return self.pending_rows >= self.max_pending_rows
+        """A new request is refused now (the module's docstring)."""
+        if self.pending_rows >= self.max_pending_rows:
+            return True
+        if self.pending_rows < self.min_rows or not self.max_wait_s:
+            return False
+        rate = self.rows_per_s()
+        return rate is not None and self.pending_rows > rate * self.max_wait_s
+
+    def limit(self) -> int:
+        """The pending rows at which `full` turns true now."""
+        rate = self.rows_per_s() if self.max_wait_s else None
+        if rate is None:
+            return self.max_pending_rows
+        return min(self.max_pending_rows, max(self.min_rows, math.floor(rate * self.max_wait_s) + 1))
 
     def admit(self, rows: int) -> None:
         if self.pending_rows == 0:
@@ -116,26 +156,33 @@ class Admission:
         self.pending_rows -= rows
         if answered:
             self._completed.append((now, rows))
+            self._completed_rows += rows
         if self.pending_rows == 0 and self._busy_since is not None:
             self._busy.append((self._busy_since, now))
+            self._busy_s += now - self._busy_since
             self._busy_since = None
 
     def rows_per_s(self) -> float | None:
         """Rows completed per second of busy time (rows pending) over the last window_s; None while it holds
-        no completed row or less than min_busy_s of busy time."""
+        no completed row or less than min_busy_s of busy time. Constant time (running sums): `full` asks it for
+        every request while the server is loaded."""
         now = self.clock()
         start = now - self.window_s
-        while self._completed and self._completed[0][0] < start:
-            self._completed.popleft()
-        while self._busy and self._busy[0][1] < start:
-            self._busy.popleft()
-        if not self._completed:
+        completed, spells = self._completed, self._busy
+        while completed and completed[0][0] < start:
+            self._completed_rows -= completed.popleft()[1]
+        while spells and spells[0][1] < start:
+            begin, end = spells.popleft()
+            self._busy_s = self._busy_s - (end - begin) if spells else 0.0  # (0 when empty: no rounding drift)
+        if not completed:
             return None
-        spells = list(self._busy) + ([(self._busy_since, now)] if self._busy_since is not None else [])
-        busy = sum(end - max(begin, start) for begin, end in spells)
+        # spells never overlap, so only the oldest can have begun before the window
+        busy = self._busy_s - (max(0.0, start - spells[0][0]) if spells else 0.0)
+        if self._busy_since is not None:
+            busy += now - max(self._busy_since, start)
         if busy < self.min_busy_s:
             return None
-        return sum(rows for _, rows in self._completed) / busy
+        return self._completed_rows / busy
 
     def refuse(self, client: Hashable | None = None) -> int:
         """Record a refused request of `client` (a connection's key; None: a client of its own); the

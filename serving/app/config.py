@@ -7,13 +7,14 @@ A YAML file is either a plain ServeConfig mapping or a Ray Serve config file
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-MIN_PENDING_ROWS = 64  # the default max_pending_rows is never below this
+MIN_PENDING_ROWS = 256  # the default max_pending_rows is never below this
 
 
 class AdapterSource(BaseModel):
@@ -42,10 +43,15 @@ class ServeConfig(BaseModel):
     # reaching an idle replica runs at once; a batch that is not full may also wait this long for more rows
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)  # requests (each one call with all its rows) in a model replica
-    # admission control, per ingress replica: while it has this many rows at the model, a new request is refused
-    # at once, before its body is read, with 429 + Retry-After (under it a request is admitted whole).
-    # None: 2 x max_batch_size x num_replicas, one batch computing and one waiting in each model replica, and at
-    # least 64 (pending_rows_limit); with several ingress replicas each has this limit.
+    # admission control, per ingress replica (serving/app/admission.py): a request is admitted whole while the rows
+    # it has at the model would be worked off within this many seconds at the rate it has seen the model complete
+    # rows; beyond, it is refused at once, before its body is read, with 429 + Retry-After. max_batch_size rows
+    # are always admitted. 0: a fixed limit of max_pending_rows rows (a fixed 48 rows refused 208 of 256 one-row
+    # requests sent at once to an idle `make serve`, which served all 256 in about 2 s).
+    max_queue_wait_s: float = Field(0.5, ge=0, le=60)
+    # the most rows one ingress replica has at the model: a bound on the memory a backlog holds, and the limit
+    # while no completion rate is measured yet (a start, a burst after a quiet spell). None: 4 x max_batch_size
+    # x num_replicas, at least 256 (pending_rows_limit); with several ingress replicas each has this limit.
     max_pending_rows: int | None = Field(None, ge=1)
     # the front gate (serving/app/gate.py) in each HTTP server in front of the ingress (a direct-ingress
     # replica's own, each node's Ray proxy): inference requests one of them lets through to this app at a
@@ -82,6 +88,10 @@ class ServeConfig(BaseModel):
     # honours up to 60 s); set both equal for a fixed value
     max_retry_after_s: int = Field(60, ge=0, le=3600)
     ready_timeout_s: float = Field(2.0, gt=0, le=60)  # /ready waits this long for a model replica to answer
+    # `polyhead serve` / `make serve` on SIGTERM or SIGINT: new requests answer 503 draining (and /ready 503) while
+    # those in flight finish, for at most this long; then Serve and Ray stop (serving/app/stopping.py). A
+    # supervisor's kill timeout (docker stop: 10 s) should leave it about 10 s more for Ray to stop.
+    drain_timeout_s: float = Field(20.0, ge=0, le=3600)
     # model replicas (each one Engine with its own copy of the base) and torch threads in each. On CPU, one
     # replica per core with one thread each served 20-30 % more req/s than one replica with a thread per core
     # (benchmarks/serve_load, 2 cores): a forward's threads wait for each other at every op, so any other
@@ -106,6 +116,18 @@ class ServeConfig(BaseModel):
     # None (or null in a file): $POLYHEAD_ADMIN_API_KEY if set (e.g. from a Kubernetes Secret), else the
     # admin routes answer clients on 127.0.0.1 only
     admin_api_key: str | None = Field(None, validate_default=True)
+    # proxies whose X-Forwarded-For the admin routes' "local client" check believes (serving/app/access.py); none by
+    # default: a request relayed by any other proxy is never local. `polyhead serve` also makes uvicorn trust
+    # forwarded headers from these only (FORWARDED_ALLOW_IPS). Behind a proxy, configure an admin key instead.
+    forwarded_allow_ips: list[str] = Field(default_factory=list)
+    # inference keys (serving/app/access.py): the inference and model-listing routes then need
+    # `Authorization: Bearer <one of them>` (the openai client's api_key), else 401; /health, /ready, /metrics
+    # stay open, the admin routes take the admin key only. None (or null in a file): $POLYHEAD_API_KEY
+    # (several keys separated by commas) if set, else no key needed; [] : no key needed, whatever the env says
+    api_keys: list[str] | None = Field(None, validate_default=True)
+    # the request log (serving/app/logs.py: one JSON line per request on stdout): DEBUG, INFO (every request),
+    # WARNING (failed authentications and server errors only), ERROR (server errors only)
+    log_level: str = "INFO"
     # static entries: name -> folder, resolved directly (not through the store), loaded on first use
     adapters: dict[str, AdapterSource] = Field(default_factory=dict)
     # adapters_store.AdapterStore root (folder or fsspec URL such as s3://bucket/adapters) shared by every
@@ -115,18 +137,55 @@ class ServeConfig(BaseModel):
     # a store they all see: a shared volume or an object store, deploy/README.md)
     store_root: str | None = Field(None, validate_default=True)
     store_ttl_s: float = Field(1.0, ge=0, le=3600)  # how long a replica caches `name` -> its latest version
+    # POST /v1/adapters sources (adapters_store/sources.py, serving/app/registrations.py). Local folders are always
+    # sources; a URL only with a scheme listed here (e.g. [https, s3]). [] (default): local folders only.
+    source_schemes: list[str] = Field(default_factory=list)
+    # http(s) sources: [] (default): any host whose every address is public (no loopback, private, link-local:
+    # checked at each connection and redirect); else only these hosts ("name", "*.domain"), whatever their addresses
+    source_hosts: list[str] = Field(default_factory=list)
+    source_timeout_s: float = Field(300.0, gt=0, le=3600)  # a URL source's whole fetch; past it: 422 source_timeout
+    source_connect_timeout_s: float = Field(10.0, gt=0, le=300)  # each connection to an http(s) source
+    source_max_listing_bytes: int = Field(1024**2, ge=1024)  # an http(s) folder's listing page is read up to this
+    # registrations (validation and any fetch) one model replica runs at once, on threads of their own; beyond
+    # it POST /v1/adapters answers 429 with Retry-After. Bounds their memory: this x (listing + file limits)
+    max_concurrent_registrations: int = Field(2, ge=1, le=64)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # characters in one text sent without truncation: a longer one is refused (413 input_too_long) before it is
+    # tokenized; None: 64 per token of the route's limit (32768 for 512 tokens; serving/app/texts.py)
+    max_input_chars: int | None = Field(None, ge=1)
     max_items: int = Field(256, ge=1)  # rows per request (inputs x models)
     max_models: int = Field(16, ge=1)  # adapters named in one request ("model": [...] on /v1/classify, /v1/tag)
     max_name_chars: int = Field(128, ge=1)
     # each replica sends its metrics to the app's MetricsHub this often (when they changed): GET /metrics
     # is at most this far behind
     metrics_push_s: float = Field(1.0, gt=0, le=60)
+    # GET /openapi.json (the schema of every route, its body, answer and error statuses) and /docs (Swagger UI,
+    # its scripts served by the app itself: no CDN); false: both answer 404 like any unknown route
+    openapi: bool = True
 
     @field_validator("admin_api_key")
     @classmethod
     def _key_from_env(cls, value):
         return value if value is not None else (os.environ.get("POLYHEAD_ADMIN_API_KEY") or None)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_from_env(cls, value):
+        from .access import check_key, parse_env_keys
+
+        keys = value if value is not None else parse_env_keys(os.environ.get("POLYHEAD_API_KEY"))
+        for key in keys or ():
+            check_key(key)
+        return keys
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value):
+        from .logs import LEVELS
+
+        if not isinstance(value, str) or value.upper() not in LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LEVELS)} (any case), got {value!r}")
+        return value.upper()
 
     @field_validator("store_root")
     @classmethod
@@ -134,6 +193,25 @@ class ServeConfig(BaseModel):
         from adapters_store.store import default_root
 
         return value if value is not None else default_root()
+
+    @field_validator("source_schemes")
+    @classmethod
+    def _schemes(cls, value):
+        out = [v.strip().lower().removesuffix("://") for v in value]
+        for v in out:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", v):
+                raise ValueError(f"{v!r} is not a URL scheme (e.g. https, s3)")
+        return out
+
+    @field_validator("source_hosts")
+    @classmethod
+    def _hosts(cls, value):
+        out = [v.strip().lower().strip("[]").rstrip(".") for v in value]  # as urlsplit().hostname gives them
+        for v in out:
+            if not v or any(c in v for c in "/@ ?#") or v.count(":") == 1:
+                raise ValueError(f"{v!r} is not a host name or address (e.g. models.example.com, *.example.com, "
+                                 "10.0.0.5; no scheme or port)")
+        return out
 
     @field_validator("adapters", mode="before")
     @classmethod
@@ -159,6 +237,9 @@ class ServeConfig(BaseModel):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or one-row requests never fill a batch")
+        if self.admin_api_key is not None and self.admin_api_key in (self.api_keys or ()):
+            raise ValueError("api_keys holds the admin key: the admin key must open the admin routes only "
+                             "(give inference clients keys of their own)")
         if self.max_retry_after_s < self.retry_after_s:
             raise ValueError(f"max_retry_after_s ({self.max_retry_after_s}) must be >= retry_after_s "
                              f"({self.retry_after_s})")
@@ -180,7 +261,7 @@ class ServeConfig(BaseModel):
         """max_pending_rows, or its default for this many model replicas."""
         if self.max_pending_rows is not None:
             return self.max_pending_rows
-        return max(MIN_PENDING_ROWS, 2 * self.max_batch_size * self.num_replicas)
+        return max(MIN_PENDING_ROWS, 4 * self.max_batch_size * self.num_replicas)
 
     def replica_cpus(self) -> float:
         return self.num_threads if self.num_cpus is None else self.num_cpus

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import os
 import threading
 import time
@@ -28,14 +29,19 @@ import torch
 from ray import serve
 
 from adapters_store import AdapterError, AdapterStore, parse_ref
+from adapters_store.sources import SourceRefused, SourceTimeout
 
 from ..engine import Engine, Request, non_finite_message
 from .config import ServeConfig
+from .convergence import StoreWatch
 from .hub import MetricsPusher
 from .metrics import MODEL_SERIES, Recorder
-from .routing import Registry, Resolved, Source
+from .registrations import Registrations, source_policy
+from .routing import Registry, Resolved, Source, engine_key
 from .tokens import probe_encodings
+from .truncate import SENTENCE_LIMIT, fit_row
 
+log = logging.getLogger("polyhead")
 NEED_TASKS = {"seq": ("seq_cls", "multilabel"), "token": ("token_cls",), "embedding": None}
 
 
@@ -68,6 +74,10 @@ class ModelServer:
         store = AdapterStore(cfg.store_root)  # the same root in every replica (ServeConfig resolves the default)
         static = {name: Source(name, s.path, tuple(s.labels) if s.labels else None) for name, s in cfg.adapters.items()}
         self.registry = Registry(store, static, ttl_s=cfg.store_ttl_s)
+        # registrations (fetches included) and store lookups on threads of their own: a slow source never
+        # delays a row's lookup (serving/app/registrations.py)
+        self.registrations = Registrations(cfg.max_concurrent_registrations)
+        self.source_policy = source_policy(cfg)
         self._heads: dict[str, Loaded] = {}  # engine key -> what is loaded under it
         self._described: dict[str, dict] = {}  # static adapters' task and labels, read once (list_adapters)
         self._generations = itertools.count(1)
@@ -88,6 +98,9 @@ class ModelServer:
         self._engine_counts: dict[str, int] = {}  # engine counters already added to the metrics
         self._record_engine(self._engine_thread.submit(self.engine.stats).result())
         self.pusher = MetricsPusher.in_replica(self.metrics, cfg.metrics_push_s)
+        # versions removed through another replica or the CLI leave this engine too (serving/app/convergence.py)
+        self.watch = StoreWatch(store, cfg.store_ttl_s, self.converge, self.registrations.lookup)
+        self.watch.ensure_started()
 
     @staticmethod
     def _build_engine(cfg: ServeConfig) -> Engine:
@@ -115,16 +128,17 @@ class ModelServer:
     async def infer(self, row: dict) -> dict:
         if self.pusher is not None:
             self.pusher.ensure_started()
+        self.watch.ensure_started()
         ref, need = row.get("adapter"), row.get("need", "embedding")
-        load_s, key, loaded = None, None, None
+        load_s, key, loaded, resolved = None, None, None, None
         if ref is not None:
             try:
-                found = self.registry.cached(ref) or await asyncio.to_thread(self.registry.resolve, ref)
-                key = found.key
+                found = self.registry.cached(ref) or await self.registrations.lookup(self.registry.resolve, ref)
+                key, resolved = found.key, found.full_ref
                 load_s = await self._ensure_loaded(found)
             except LookupError:
                 self._drop_gone(ref)
-                return row_error("model_not_found", f"unknown model {ref!r}")
+                return row_error("model_not_found", await self.registrations.lookup(self.registry.unknown_message, ref))
             except AdapterError as exc:
                 return row_error("adapter_invalid", f"adapter {ref!r} cannot be loaded: {exc}")
             loaded = self._heads[key]  # no await since _ensure_loaded: still loaded
@@ -132,11 +146,12 @@ class ModelServer:
         if wrong:
             return row_error("wrong_task", wrong)
         virtual = loaded.virtual_tokens if loaded is not None else 0
-        limit = self.engine.max_tokens - virtual
-        if len(row["input_ids"]) > limit:
-            why = f" (adapter {ref!r} adds {virtual} virtual tokens)" if virtual else ""
-            return row_error("too_many_tokens", f"input has {len(row['input_ids'])} tokens, over the limit of "
-                             f"{limit}{why}")
+        limit, why = self._limit(need, ref, virtual)
+        ids = fit_row(row["input_ids"], limit, row.get("truncate"), why)  # cut where the request asked
+        if isinstance(ids, str):
+            return row_error("too_many_tokens", ids)
+        if len(ids) < len(row["input_ids"]):
+            row = dict(row, input_ids=ids, truncated_to=len(ids))
         generation = loaded.generation if loaded is not None else 0
         self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the checks above: atomic
         try:
@@ -148,7 +163,18 @@ class ModelServer:
             if not self._inflight[key]:
                 del self._inflight[key]
         out["load_s"] = load_s
+        if "truncated_to" in row:
+            out["truncated_to"] = row["truncated_to"]  # the ingress cuts the input's offsets alike
+        out["resolved"] = resolved  # the version this row ran ("name@N"; a static entry: "name"), for the log
         return out
+
+    def _limit(self, need: str, ref: str | None, virtual: int) -> tuple[int, str]:
+        """The longest input of a row (its virtual tokens take positions too) and where that limit comes from."""
+        limit = self.engine.max_tokens - virtual
+        why = f" (adapter {ref!r} adds {virtual} virtual tokens)" if virtual else ""
+        if need == "embedding" and self.engine.embedding_max_tokens < limit:
+            limit, why = self.engine.embedding_max_tokens, SENTENCE_LIMIT
+        return limit, why
 
     @staticmethod
     def _wrong_task(loaded: Loaded | None, ref: str | None, need: str) -> str | None:
@@ -236,7 +262,7 @@ class ModelServer:
                 return await self._load(found)
             except AdapterError:
                 if found.version is not None:  # removed by another replica since the (cached) lookup: a 404
-                    fresh = await asyncio.to_thread(self.registry.resolve, found.ref, fresh=True)  # UnknownAdapter: 404
+                    fresh = await self.registrations.lookup(self.registry.resolve, found.ref, fresh=True)  # 404
                     if fresh.key != found.key:
                         return await self._load(fresh)
                 raise
@@ -258,21 +284,37 @@ class ModelServer:
 
     async def add_adapter(self, name: str, path: str, labels: list[str] | None = None) -> dict:
         """Validate and publish `path` as the next version of `name` in the store, and load it here now
-        (a version the engine refuses is removed from the store again)."""
+        (a version the engine refuses is removed from the store again). At most max_concurrent_registrations
+        at once, on threads of their own; beyond, {"code": "registrations_busy"} at once (429)."""
+        if not self.registrations.try_start():
+            return row_error("registrations_busy", self.registrations.busy_message())
         try:
-            found = await asyncio.to_thread(self.registry.add, name, path, schema=self.engine.schema,
-                                            labels=labels, max_rank=self.cfg.max_rank)
+            return await self._add_adapter(name, path, labels)
+        finally:
+            self.registrations.finish()
+
+    async def _add_adapter(self, name: str, path: str, labels: list[str] | None) -> dict:
+        try:
+            found = await self.registrations.run(self.registry.add, name, path, schema=self.engine.schema,
+                                                 labels=labels, max_rank=self.cfg.max_rank, policy=self.source_policy)
+        except SourceRefused as exc:
+            return row_error("source_not_allowed", str(exc))
+        except SourceTimeout as exc:
+            return row_error("source_timeout", str(exc))
         except AdapterError as exc:
             return row_error("adapter_invalid", str(exc))
         async with self._lock(found.key):
             try:
                 load_s = await self._load(found)
             except AdapterError as exc:
-                await asyncio.to_thread(self.registry.remove, name, found.version)
+                await self.registrations.run(self.registry.remove, name, found.version)
                 return row_error("adapter_invalid", str(exc))
         loaded = self._heads[found.key]
+        for warning in found.warnings:
+            log.warning("adapter %s: %s", found.full_ref, warning)
         return {"name": name, "version": found.version, "ref": found.full_ref, "source": found.path,
-                "task": loaded.task, "labels": list(loaded.labels) if loaded.labels else None, "load_s": load_s}
+                "task": loaded.task, "labels": list(loaded.labels) if loaded.labels else None, "load_s": load_s,
+                "warnings": list(found.warnings)}
 
     async def remove_adapter(self, ref: str, drain_timeout_s: float = 30.0) -> bool:
         """Remove `name` (every version, and a static entry) or `name@N` from the registry at once (later
@@ -299,6 +341,24 @@ class ModelServer:
                 del self._loaded[key]
                 asyncio.get_running_loop().create_task(self._unload(key, 30.0))
 
+    async def converge(self) -> list[str]:
+        """Unload the store versions loaded here that the store no longer publishes (removed through another
+        replica, `polyhead adapters rm`, by hand), each once its admitted rows finished (up to 30 s): their
+        registrations and slots are freed. Returns their engine keys. Config adapters are never unloaded."""
+        # what is loaded BEFORE the store is read: each was published when it was resolved, and a removed
+        # number is never published again, so one missing from the listing below is gone for good
+        loaded = [(key, found) for key, found in self._loaded.items() if found.version is not None]
+        published: dict[str, set[int]] = {}
+        for name in {found.name for _, found in loaded}:
+            published[name] = set(await self.registrations.lookup(self.registry.store.published_versions, name))
+        gone = [key for key, found in loaded if found.version not in published[found.name]]
+        for key in gone:
+            found = self._loaded.pop(key, None)
+            if found is not None:
+                self.registry.forget(found.name)
+                asyncio.get_running_loop().create_task(self._unload(key, 30.0))
+        return gone
+
     async def _unload(self, key: str, drain_timeout_s: float) -> None:
         async with self._lock(key):
             self._loaded.pop(key, None)
@@ -310,12 +370,38 @@ class ModelServer:
                 self.metrics.adapter_unloads.inc()
                 self._record_engine(await self._on_engine(self.engine.stats))
 
+    async def describe_adapter(self, ref: str) -> dict:
+        """`ref` (`name` or `name@N`) as its entry in list_adapters, a pinned version with its own task and labels
+        (its loaded head, else as the store recorded them); {"error", "code"} when nothing answers to it."""
+        name, version = parse_ref(ref)
+        entry = next((e for e in await self.list_adapters() if e["name"] == name), None)
+        if entry is None or (version is not None and version not in entry["versions"]):
+            return row_error("model_not_found", await self.registrations.lookup(self.registry.unknown_message, ref))
+        if version is None or version == entry["version"]:
+            return entry
+        try:
+            found = await self.registrations.lookup(self.registry.store.resolve, ref)
+        except AdapterError:  # removed meanwhile
+            return row_error("model_not_found", await self.registrations.lookup(self.registry.unknown_message, ref))
+        loaded = self._heads.get(engine_key(name, version))
+        labels = (loaded.labels if loaded is not None else None) or found.labels or found.head_labels
+        return dict(entry, version=version, source=str(found.path), created=found.created,
+                    task=loaded.task if loaded is not None else found.task,
+                    labels=list(labels) if labels else None, loaded=loaded is not None)
+
     async def list_adapters(self) -> list[dict]:
         """Per name: its latest version (None for a static entry), every version, where its files are, whether
         that latest version is loaded here, and its head's task and labels: from the loaded head, else as the
         store recorded them, else (a static entry) from validating its folder once."""
+        return (await self.adapter_listing())["data"]
+
+    async def adapter_listing(self) -> dict:
+        """{"data": list_adapters' entries, "broken": [{"id": "name@N", "name", "version", "error"}]}: the
+        store's versions that cannot be read are skipped and reported (also polyhead_broken_adapter_versions)."""
+        entries, broken = await asyncio.to_thread(self.registry.listing)
+        self.metrics.broken_versions.set(len(broken))
         out = []
-        for entry in await asyncio.to_thread(self.registry.list):
+        for entry in entries:
             key = entry.pop("key")
             loaded = self._heads.get(key)
             if loaded is not None:
@@ -323,7 +409,8 @@ class ModelServer:
             elif entry["version"] is None:
                 entry.update(await self._describe_static(key, entry))
             out.append(dict(entry, loaded=loaded is not None))
-        return out
+        return {"data": out, "broken": [{"id": b.ref, "name": b.name, "version": b.version, "error": b.error}
+                                        for b in broken]}
 
     async def _describe_static(self, key: str, entry: dict) -> dict:
         """{"task", "labels"} of a static adapter that is not loaded, read once from its folder (validated as a
@@ -347,10 +434,13 @@ class ModelServer:
         """What the ingress needs to know (and its /ready asks): limits, and whether this replica drains."""
         if self.pusher is not None:
             self.pusher.ensure_started()
+        self.watch.ensure_started()
         eng = self.engine
         return {"model_name": self.cfg.resolved_model_name(), "max_tokens": eng.max_tokens,
                 "hidden_size": eng.schema.hidden_size, "vocab_size": eng.schema.vocab_size, "causal": eng.causal,
                 "embedding_normalize": eng.sentence.normalize, "embedding_unsupported": eng.sentence.unsupported,
+                "embedding_max_tokens": eng.embedding_max_tokens,
+                "truncation_side": getattr(eng.tokenizer, "truncation_side", None) or "right",
                 "dtype": str(eng.dtype).removeprefix("torch."),
                 "draining": self.draining, "probes": self.probes}
 

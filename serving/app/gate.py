@@ -8,9 +8,11 @@ server is wrapped in the same middlewares: the gate then sits in front of Serve'
 replica, and a "proxy" below means whichever HTTP server the gate wraps.
 
 `Gate` counts, per route prefix, the inference requests (POST .../v1/classify, /v1/tag, /v1/embeddings)
-this proxy has passed on and not yet answered. While a polyhead app's limit of them is out, a new one is
-answered 429 at once, with the ingress's JSON error body and a Retry-After from the same rule
-(serving/app/admission.py, in requests instead of rows), and is never routed.
+this proxy has passed on and not yet answered. While as many are out as a polyhead app admits, a new one is
+answered 429 at once, with the ingress's JSON error body and a Retry-After, and is never routed. Both follow
+the ingress's rule (serving/app/admission.py) in requests instead of rows: the requests out are admitted while
+the rate of 2xx answers the gate has measured works them off within the app's max_queue_wait_s (its
+max_batch_size always), at most its limit (gate_max_requests), which is also the limit while no rate is known.
 
 Why: a request that reaches the ingress has already cost Ray's proxy (~6 ms of CPU on the 2-core dev
 machine) and the ingress replica's Ray machinery (~8 ms) before its handler can refuse it, and under
@@ -26,8 +28,11 @@ to a request that came through a gate (marked with GATED_HEADER, which the gate 
 the gate replaces it), with the app name, limit, Retry-After bounds and metrics push interval
 (serving/app/http.py); the gate reads and removes it. Without a gate, clients never see it. So it gates
 only polyhead apps, follows their config when they are redeployed, and passes everything on until an app
-has answered once. The ingress's own row admission (max_pending_rows) stays: it
-counts rows, and a request of many rows can pass the gate and still be refused there.
+has answered once. The ingress's own row admission stays: it counts rows, and a request of many rows can
+pass the gate and still be refused there, as can a burst through a gate with no rate measured yet (one of
+several proxies that has served little lately) while the ingress has measured one. Each gate's expected wait
+needs no share of the limit, unlike a fixed count: with k gates each sees about 1/k of the backlog and 1/k
+of the rate.
 
 Refusals are counted in the app's request, error and latency series (route, code 429; adapter "none", type
 "overloaded"), pushed to the app's MetricsHub like a replica's (deployment "Gate", one source per proxy and
@@ -44,6 +49,7 @@ import sys
 import time
 from urllib.parse import quote, unquote
 
+from . import logs
 from .admission import Admission, client_key
 from .backlog import MAX_HOLD_S, AcceptHold
 
@@ -70,10 +76,12 @@ def middlewares() -> list:
 
 
 def admission_header(app: str, max_requests: int, min_retry_s: int, max_retry_s: int, push_s: float,
-                     hold_s: float = MAX_HOLD_S, body_s: float = BODY_TIMEOUT_S, body_bytes: int = BODY_BYTES) -> str:
-    """The value the ingress sends; max_requests 0 turns the gate off for that app, hold_s 0 its accept hold."""
+                     hold_s: float = MAX_HOLD_S, body_s: float = BODY_TIMEOUT_S, body_bytes: int = BODY_BYTES,
+                     log_level: str = "INFO", wait_s: float = 0.0, floor: int = 1) -> str:
+    """The value the ingress sends; max_requests 0 turns the gate off for that app, hold_s 0 its accept hold.
+    wait_s, floor: Admission's max_wait_s and min_rows, in requests (0: a fixed limit of max_requests)."""
     return (f"app={quote(app, safe='')};max={max_requests};retry={min_retry_s}-{max_retry_s};push={push_s:g};"
-            f"hold={hold_s:g};body={body_s:g};bytes={body_bytes}")
+            f"hold={hold_s:g};body={body_s:g};bytes={body_bytes};log={log_level};wait={wait_s:g};floor={floor}")
 
 
 def parse_admission(value: str) -> dict | None:
@@ -84,11 +92,16 @@ def parse_admission(value: str) -> dict | None:
         out = {"app": unquote(fields["app"]), "max": int(fields["max"]), "min_retry_s": int(low),
                "max_retry_s": int(high), "push_s": float(fields["push"]),
                "hold_s": float(fields.get("hold", MAX_HOLD_S)),  # absent: an ingress of an older version
-               "body_s": float(fields.get("body", BODY_TIMEOUT_S)), "body_bytes": int(fields.get("bytes", BODY_BYTES))}
+               "body_s": float(fields.get("body", BODY_TIMEOUT_S)), "body_bytes": int(fields.get("bytes", BODY_BYTES)),
+               "log_level": fields.get("log", "INFO"),
+               "wait_s": float(fields.get("wait", 0)), "floor": int(fields.get("floor", 1))}  # 0: a fixed limit
     except (KeyError, ValueError):
         return None
+    if out["log_level"] not in logs.LEVELS:
+        return None
     if (out["max"] < 0 or out["min_retry_s"] < 0 or out["max_retry_s"] < out["min_retry_s"] or out["push_s"] <= 0
-            or not 0 <= out["hold_s"] <= 1 or not 0 < out["body_s"] <= 3600 or out["body_bytes"] < 0):
+            or not 0 <= out["hold_s"] <= 1 or not 0 < out["body_s"] <= 3600 or out["body_bytes"] < 0
+            or not 0 <= out["wait_s"] <= 3600 or out["floor"] < 1):
         return None
     return out
 
@@ -119,10 +132,13 @@ class AppGate:
     def configure(self, config: dict) -> None:
         adm = self.admission
         adm.max_pending_rows = config["max"] or UNLIMITED
+        adm.max_wait_s = config["wait_s"] if config["max"] else 0.0  # max 0: no gate at all
+        adm.min_rows = config["floor"]
         adm.min_retry_s, adm.max_retry_s = config["min_retry_s"], config["max_retry_s"]
         if self.config is None or config["app"] != self.config["app"]:
             self.recorder, self.pusher, self.ray_refusals = _app_metrics(config["app"], self.prefix, config["push_s"])
         self.config = config
+        logs.configure(config["log_level"])  # the gate's own answers are logged too (serving/app/logs.py)
         if self.pusher is not None:
             self.pusher.ensure_started()  # from here on the app's GET /metrics counts this source
 
@@ -178,6 +194,7 @@ class Gate:
     def __init__(self, app):
         self.app = app
         self.gates: dict[str, AppGate] = {}
+        logs.configure()  # INFO until an app's answer gives its log_level
 
     async def __call__(self, scope, receive, send):
         gated = gated_route(scope)
@@ -196,13 +213,13 @@ class Gate:
                 seconds = gate.config["body_s"] if gate.config else BODY_TIMEOUT_S
                 await _answer(send, 408, {"message": f"the request body did not arrive within {seconds:g} s",
                                           "type": "invalid_request_error", "code": "body_timeout"},
-                              [(b"connection", b"close")])
+                              [(b"connection", b"close"), (b"x-request-id", _log(scope, route, 408, seconds))])
                 gate.count_answer(route, 408, "body_timeout", seconds)
                 return
             receive = arrived
         if adm.full:
             start = time.perf_counter()
-            await _refuse(send, adm.refuse(client_key(scope)))
+            await _refuse(send, adm.refuse(client_key(scope)), _log(scope, route, 429, start=start))
             gate.count_refusal(route, time.perf_counter() - start)
             return
         status, out = 0, True
@@ -282,8 +299,22 @@ async def _read_body(receive, config: dict | None):
     return replay
 
 
-async def _refuse(send, retry_after: int) -> None:
-    await _answer(send, 429, REFUSAL, [(b"retry-after", str(retry_after).encode())])
+async def _refuse(send, retry_after: int, request_id: bytes) -> None:
+    await _answer(send, 429, REFUSAL, [(b"retry-after", str(retry_after).encode()), (b"x-request-id", request_id)])
+
+
+def _log(scope: dict, route: str, status: int, seconds: float | None = None, start: float | None = None) -> bytes:
+    """The request log line of an answer the gate gives itself; its X-Request-Id (the client's, else a new
+    one: Serve's RequestIdMiddleware, which sets it on every other answer, is behind the gate)."""
+    given = next((v for k, v in scope.get("headers", ()) if k.lower() == b"x-request-id" and v), None)
+    request_id = given.decode("latin-1") if given else None
+    fields = {"request_id": logs.request_id({"x-request-id": request_id}), "method": scope.get("method"),
+              "path": scope.get("path", "")[:500], "route": route, "status": status,
+              "code": "overloaded" if status == 429 else "body_timeout",
+              "latency_ms": round((time.perf_counter() - start) * 1000 if start else seconds * 1000, 2),
+              "client": scope["client"][0] if scope.get("client") else None, "by": "gate"}
+    logs.emit(fields)
+    return given if given else fields["request_id"].encode()
 
 
 async def _answer(send, status: int, error: dict, headers: list) -> None:

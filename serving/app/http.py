@@ -4,8 +4,9 @@ Every error is JSON {"error": {"message", "type", "code"}}; bad input is never a
 Bodies are read and parsed here (not by FastAPI) so that size limits, malformed JSON (400)
 and invalid fields (422) each get their own status. Statuses come from exception types and
 row error codes (ROW_CODES), never from the wording of a message.
-Overload: a request arriving while this replica has max_pending_rows rows at the model, or refused by the
-model deployment's queue limit (max_queued_requests, Ray's BackPressureError), is a 429 with Retry-After;
+Overload: a request arriving while the rows this replica has at the model need more than max_queue_wait_s
+(serving/app/admission.py), or refused by the model deployment's queue limit (max_queued_requests, Ray's
+BackPressureError), is a 429 with Retry-After;
 a model that is not ready, draining or unavailable is a 503 with Retry-After.
 """
 
@@ -31,15 +32,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters_store import AdapterError, check_name, parse_ref
 
 from ..sentence import unit_length
+from . import logs
+from .access import ADMIN_ROUTES, InferenceKeys, is_local_client
 from .admission import Admission, current_client, set_client
 from .coalesce import Coalescer
 from .config import ServeConfig
 from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
 from .hub import MetricsPusher
-from .metrics import INGRESS_SERIES, Recorder, adapter_label
+from .metrics import INGRESS_SERIES, Recorder, adapter_label, polyhead_version
+from .openapi import install as install_docs, unknown_route_message
 from .routing import UnknownModel, resolve_model
 from .tagging import STRATEGIES, pieces, tag_entities
 from .tokens import TextEncoder
+from .texts import TooManyChars, encode_texts
+from .truncate import BadTruncation, TooLong, TruncateFields, embedding_limit, fit, keep, truncation
 
 ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
     "model_not_found": (404, "not_found_error"),
@@ -48,13 +54,16 @@ ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
     "invalid_input": (422, "invalid_request_error"),
     "too_many_tokens": (413, "invalid_request_error"),
     "non_finite_output": (422, "invalid_request_error"),  # the adapter's weights overflow on this input
+    "source_not_allowed": (422, "invalid_request_error"),  # POST /v1/adapters: source_schemes / source_hosts
+    "source_timeout": (422, "invalid_request_error"),  # POST /v1/adapters: source_timeout_s
+    "registrations_busy": (429, "rate_limit_error"),  # POST /v1/adapters: max_concurrent_registrations
 }
 UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)  # 503: the model is not there
-STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",  # 401: as OpenAI
+                404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error",
+                413: "invalid_request_error",
                 415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                 503: "overloaded_error"}
-LOCAL_CLIENTS = ("127.0.0.1", "::1", "localhost")
 
 
 class ApiError(Exception):
@@ -74,19 +83,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class ClassifyBody(_Body):
+class ClassifyBody(_Body, TruncateFields):  # truncate, truncation_direction, truncate_prompt_tokens
     model: str | list[str]
     input: str | list[str]
     threshold: float = Field(0.5, ge=0, le=1)  # multi-label heads
 
 
-class TagBody(_Body):
+class TagBody(_Body, TruncateFields):
     model: str | list[str]
     input: str | list[str]
     aggregation_strategy: Literal[STRATEGIES] = "simple"  # as transformers' token-classification pipeline
 
 
-class EmbeddingsBody(_Body):
+class EmbeddingsBody(_Body, TruncateFields):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -100,7 +109,9 @@ class AdapterBody(_Body):
     labels: list[str] | None = None
 
 
-app = FastAPI(title="polyhead", docs_url=None, redoc_url=None, openapi_url=None)
+# no redirect of /v1/classify/ to /v1/classify (an empty 307): a JSON 404 that names the route without the slash
+app = FastAPI(title="polyhead", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+install_docs(app)  # GET /openapi.json, /docs (serving/app/openapi.py)
 
 
 @app.exception_handler(ApiError)
@@ -111,7 +122,21 @@ async def _api_error(request: Request, exc: ApiError):
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, str(exc.detail), code, getattr(exc, "headers", None))
+    logs.finish(logs.start(request), "unknown", exc.status_code, code)  # routes Ingress._serve never sees
+    ingress = _this_ingress()
+    if ingress is not None:  # under route "unknown", never the path: a bounded label set
+        ingress.metrics.requests.labels("unknown", exc.status_code).inc()
+        ingress.metrics.errors.labels("unknown", "none", code).inc()
+    message = unknown_route_message(request) if exc.detail == "Not Found" else str(exc.detail)
+    return error_response(exc.status_code, message, code, getattr(exc, "headers", None))
+
+
+def _this_ingress():
+    """The Ingress of the Serve replica this runs in; None outside Serve."""
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # noqa: BLE001 - not in a replica
+        return None
 
 
 @app.exception_handler(RequestValidationError)
@@ -169,6 +194,15 @@ async def _result(response):
     return await response
 
 
+def _exact_path_param(request: Request, value: str) -> None:
+    """404 unless the request's path really ends with the `{...:path}` parameter Starlette gave: it matches a
+    route with `^...$`, whose `$` also matches before a final newline, so `DELETE /v1/adapters/name%0a` reached
+    the route as `name` (and deleted it)."""
+    if not request.scope.get("path", "").endswith(value):
+        raise ApiError(404, "unknown model: the name in the path holds a character no name has",
+                       "model_not_found", adapter="unknown")
+
+
 def _cancel(response) -> None:
     """Best-effort DeploymentResponse.cancel(). With Ray's router on its own thread, cancel() reads a result
     that just arrived and re-raises its error (e.g. the BackPressureError of a call already refused)."""
@@ -181,18 +215,25 @@ def _cancel(response) -> None:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
+    keys = InferenceKeys(None)  # none needed; __init__ sets the config's
+
     def __init__(self, model, config: dict):
         self.cfg = ServeConfig(**config)
         self.model = model
+        self.keys = InferenceKeys(self.cfg.api_keys)
+        logs.configure(self.cfg.log_level)
         self.encoder = TextEncoder(self.cfg.resolved_base_dir())  # checked against the model's on its first info()
         self.base_name = self.cfg.resolved_model_name()
         self._info: dict | None = None  # ModelServer.info(), once it answered
         self._encoder_check: asyncio.Future | None = None  # the encoder's check, off the event loop, once
         self.shutting_down = False  # Serve stops this replica (__del__)
         self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
+        self.stopping = False  # `polyhead serve` stops (stop_accepting): requests answer 503 draining
+        self.in_flight = 0  # requests in _serve's handlers now
         self.metrics = Recorder(INGRESS_SERIES)
+        self.metrics.build_info.labels(polyhead_version()).set(1)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
-        self.admission = Admission(self.cfg.pending_rows_limit(), self.cfg.retry_after_s, self.cfg.max_retry_after_s)
+        self.admission = Admission.of(self.cfg)
         self.gate_config = self._gate_config()
         calls, window_s = self.cfg.max_model_calls, self.cfg.coalesce_window_ms / 1000
         self.coalescer = (Coalescer(self._send_rows, calls, self.cfg.max_batch_size, _cancel, window_s,
@@ -213,6 +254,12 @@ class Ingress:
     def __del__(self):  # Serve's graceful shutdown: /ready answers 503 from here on
         self.shutting_down = True
 
+    def stop_accepting(self) -> int:
+        """`polyhead serve` is stopping (serving/app/stopping.py): from now on requests answer 503 draining
+        and /ready 503; returns the requests still in flight (called again until none are left)."""
+        self.stopping = True
+        return self.in_flight
+
     # plumbing -----------------------------------------------------------------------------
 
     def _gate_config(self) -> str | None:
@@ -224,7 +271,8 @@ class Ingress:
         limit = self.cfg.gate_max_requests
         return admission_header(app_name, self.cfg.pending_rows_limit() if limit is None else limit,
                                 self.cfg.retry_after_s, self.cfg.max_retry_after_s, self.cfg.metrics_push_s,
-                                self.cfg.accept_hold_ms / 1000, self.cfg.body_timeout_s, self.cfg.max_body_bytes)
+                                self.cfg.accept_hold_ms / 1000, self.cfg.body_timeout_s, self.cfg.max_body_bytes,
+                                self.cfg.log_level, self.cfg.max_queue_wait_s, self.cfg.max_batch_size)
 
     def _retry(self) -> dict:
         return {"Retry-After": str(self.cfg.retry_after_s)}
@@ -236,17 +284,35 @@ class Ingress:
             self.pusher.ensure_started()
         start = time.perf_counter()
         set_client(request.scope)  # for a refusal anywhere in this request's task (_overloaded)
+        record, code = logs.start(request), None  # its log line (serving/app/logs.py)
         try:
+            denied = None if route in ADMIN_ROUTES else self.keys.refusal(request.headers.get("authorization"))
+            if denied:  # before admission and the body: a 401 costs no model call (serving/app/access.py)
+                raise ApiError(401, denied[1], denied[0], {"WWW-Authenticate": "Bearer"})
+            if self.stopping:
+                raise ApiError(503, "draining: the server is stopping, retry later", "draining",
+                               {**self._retry(), "Connection": "close"})  # the client reconnects: not to us
             if rows and self.admission.full:
                 raise self._overloaded()
-            response = await handler(request)
+            self.in_flight += 1
+            try:
+                response = await handler(request)
+            finally:
+                self.in_flight -= 1
         except ApiError as exc:
             self.metrics.errors.labels(route, exc.adapter, exc.code).inc()
-            response = error_response(exc.status, exc.message, exc.code, exc.headers)
+            response, code = error_response(exc.status, exc.message, exc.code, exc.headers), exc.code
+        except BaseException as exc:
+            logs.finish_raised(record, route, exc)
+            raise
+        logs.finish(record, route, response.status_code, code)
         if rows and self.gate_config is not None and GATED_HEADER in request.headers:
             response.headers[ADMISSION_HEADER] = self.gate_config  # the gate reads and removes it
         self.metrics.requests.labels(route, response.status_code).inc()
-        self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.metrics.latency.labels(route).observe(elapsed)
+        for adapter in getattr(response, "adapters", ()):  # set by _respond: the adapters an answer used
+            self.metrics.adapter_latency.labels(route, adapter).observe(elapsed)
         return response
 
     async def _json(self, request: Request) -> dict:
@@ -281,6 +347,7 @@ class Ingress:
 
     @staticmethod
     def _parse(body_type, data: dict):
+        logs.note(model=logs.cut(data.get("model")))  # as the client sent it, before any check
         try:
             return body_type.model_validate(data)
         except ValidationError as exc:
@@ -370,29 +437,45 @@ class Ingress:
             raise ApiError(413, f"{n_inputs} inputs x {n_models} models is over the limit of {self.cfg.max_items} "
                            "rows per request", "too_many_items")
 
-    def _check_tokens(self, ids: list[int], index: int, max_tokens: int) -> None:
-        if len(ids) > max_tokens:
-            raise ApiError(413, f"input {index} has {len(ids)} tokens, over the limit of {max_tokens}", "too_many_tokens")
+    def _fit(self, enc: dict, index: int, limit: int, body, text: bool = True, why: str = "") -> dict:
+        """`enc` within the route's limit, cut where `body` asks (serving/app/truncate.py); its "truncate" goes
+        with the row to the model replica, which may cut it further for an adapter's virtual tokens."""
+        try:
+            trunc = truncation(body, limit, (self._info or {}).get("truncation_side", "right"), why)
+            return fit(enc, index, limit, trunc, self.encoder.ends(), text, why)
+        except TooLong as exc:
+            raise ApiError(413, str(exc), "too_many_tokens") from None
+        except BadTruncation as exc:
+            raise ApiError(422, str(exc), "invalid_field") from None
 
-    def _encode(self, texts: list, max_tokens: int, offsets: bool = False) -> list:
-        out = []
-        for i, text in enumerate(texts):
+    async def _encode(self, texts: list, max_tokens: int, body, offsets: bool = False, why: str = "",
+                      indexes: list[int] | None = None) -> list:
+        """The texts' encodings within the route's limit (`indexes`: theirs in the request): huge ones refused by
+        characters, large ones tokenized off the event loop, cut ones tokenized as far as needed (texts.py)."""
+        indexes = list(range(len(texts))) if indexes is None else indexes
+        for i, text in zip(indexes, texts):
             if not text:
                 raise ApiError(422, f"input {i} is an empty string", "empty_input")
-            enc = self.encoder.encode(text, offsets)
-            self._check_tokens(enc["input_ids"], i, max_tokens)
-            out.append(enc)
-        return out
+        try:
+            trunc = truncation(body, max_tokens, (self._info or {}).get("truncation_side", "right"), why)
+            return await encode_texts(self.encoder, texts, indexes, max_tokens, trunc, offsets, why,
+                                      self.cfg.max_input_chars)
+        except TooManyChars as exc:
+            raise ApiError(413, str(exc), "input_too_long") from None
+        except TooLong as exc:
+            raise ApiError(413, str(exc), "too_many_tokens") from None
+        except BadTruncation as exc:
+            raise ApiError(422, str(exc), "invalid_field") from None
 
     async def _run_rows(self, route: str, rows: list[dict], names: list[str | None]) -> list[dict]:
         """The request's rows in ONE ModelServer call (they join the same batch there), shared with concurrent
         requests' rows (serving/app/coalesce.py) where max_model_calls is set.
 
-        Admission (serving/app/admission.py): while this ingress replica has `max_pending_rows` rows at the
-        model, a new request is refused at once (429, Retry-After) without reaching the model, so an overloaded
-        server sheds in milliseconds and keeps the latency of what it accepted; the inference routes check it
-        before reading the body too (_serve). Under the limit a request is admitted whole, however many
-        rows it has. The model deployment's own queue limit (Ray's BackPressureError) is a 429 too."""
+        Admission (serving/app/admission.py): while the rows this ingress replica has at the model need more
+        than max_queue_wait_s, a new request is refused at once (429, Retry-After) without reaching the model,
+        so an overloaded server sheds in milliseconds and keeps the latency of what it accepted; the inference
+        routes check it before reading the body too (_serve). Under the limit a request is admitted whole,
+        however many rows it has. The model deployment's own queue limit (Ray's BackPressureError) is a 429 too."""
         if self.admission.full:
             raise self._overloaded()
         self.admission.admit(len(rows))
@@ -412,6 +495,7 @@ class Ingress:
         finally:
             self.admission.done(len(rows), answered=results is not None)
         waited = time.perf_counter() - start
+        logs.note_rows(rows, results, self.base_name)
         for res in results:
             if res.get("compute_s") is not None:  # it ran in a batch
                 self.metrics.queue.labels(route).observe(max(0.0, waited - res["compute_s"]))
@@ -432,7 +516,9 @@ class Ingress:
             self.metrics.rows.labels(route, adapter_label(name)).inc()
         headers = {"x-polyhead-batch-size": str(max(r["batch_size"] for r in rows)),
                    "x-polyhead-batch-adapters": str(max(r["batch_adapters"] for r in rows))}
-        return JSONResponse(body, headers=headers)
+        response = JSONResponse(body, headers=headers)
+        response.adapters = sorted({adapter_label(name) for name in names})  # per-adapter latency (_serve)
+        return response
 
     # routes -------------------------------------------------------------------------------
 
@@ -446,8 +532,8 @@ class Ingress:
         replica running, e.g. at start or while one restarts), while draining (this replica stopping, an
         operator's user_config, or the model replica that answered stopping), or while the model deployment
         is unavailable. A running model too busy to answer within ready_timeout_s is ready."""
-        if self.shutting_down or self.drain_requested:
-            why = "this ingress replica is shutting down" if self.shutting_down else "asked by an operator"
+        if self.shutting_down or self.drain_requested or self.stopping:
+            why = "asked by an operator" if self.drain_requested else "this ingress replica is shutting down"
             return error_response(503, f"draining: {why}", "draining", self._retry())
         replicas = await self._model_replicas()
         if replicas is not None and replicas[0] == 0:
@@ -485,39 +571,32 @@ class Ingress:
         return await self._serve("models", request, self._list_models)
 
     async def _list_models(self, request: Request):
-        return JSONResponse({"object": "list", "data": await self._model_objects()})
+        listing = await self.model.adapter_listing.remote()  # "broken": store versions that cannot be read
+        return JSONResponse({"object": "list", "data": self._model_objects(listing["data"]), "broken": listing["broken"]})
 
-    async def _model_objects(self) -> list[dict]:
-        adapters = await self.model.list_adapters.remote()
+    def _model_objects(self, adapters: list[dict]) -> list[dict]:
         data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
-        data += [{"id": a["name"], "object": "model", "created": int(a["created"] or 0), "owned_by": "polyhead",
-                  "parent": self.base_name,
-                  "task": a["task"], "labels": a["labels"], "version": a["version"], "versions": a["versions"]}
-                 for a in adapters]
-        return data
+        return data + [self._model_object(a["name"], a) for a in adapters if a["name"] != self.base_name]
+
+    def _model_object(self, model_id: str, a: dict) -> dict:
+        return {"id": model_id, "object": "model", "created": int(a["created"] or 0), "owned_by": "polyhead",
+                "parent": self.base_name,
+                "task": a["task"], "labels": a["labels"], "version": a["version"], "versions": a["versions"]}
 
     @app.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request):
         async def handler(request: Request):  # OpenAI's "retrieve model": one entry of the list, or 404
+            _exact_path_param(request, model)
             try:
                 ref = resolve_model(model, self.base_name)
             except UnknownModel as exc:
                 raise ApiError(404, str(exc), "model_not_found", adapter="unknown") from None
-            objects = await self._model_objects()
             if ref is None:
-                return JSONResponse(objects[0])
-            name, _, version = ref.partition("@")
-            for entry in objects[1:]:
-                if entry["id"] != name:
-                    continue
-                if not version:
-                    return JSONResponse(entry)
-                if entry["versions"] and int(version) in entry["versions"]:
-                    pinned = dict(entry, id=ref, version=int(version))
-                    if int(version) != entry["version"]:  # the listing describes the latest version's head only
-                        pinned.update(task=None, labels=None)
-                    return JSONResponse(pinned)
-            raise ApiError(404, f"unknown model {ref!r}", "model_not_found", adapter="unknown")
+                return JSONResponse({"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"})
+            entry = await self.model.describe_adapter.remote(ref)  # a pinned version's own task and labels
+            if entry.get("error"):
+                raise ApiError(404, entry["error"], "model_not_found", adapter="unknown")
+            return JSONResponse(self._model_object(ref, entry))
 
         return await self._serve("models", request, handler)
 
@@ -531,11 +610,12 @@ class Ingress:
         pairs = self._checked_models(_as_list(body.model))
         self._check_counts(len(texts), len(pairs))
         info = await self._model_info()
-        encs = self._encode(texts, info["max_tokens"])
+        encs = await self._encode(texts, info["max_tokens"], body)
         rows, names, meta = [], [], []
         for i, enc in enumerate(encs):
             for model, name in pairs:
-                rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "seq"})
+                rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "seq",
+                             "truncate": enc["truncate"]})
                 names.append(name)
                 meta.append((i, model))
         results = await self._run_rows("classify", rows, names)
@@ -565,17 +645,20 @@ class Ingress:
         pairs = self._checked_models(_as_list(body.model))
         self._check_counts(len(texts), len(pairs))
         info = await self._model_info()
-        encs = self._encode(texts, info["max_tokens"], offsets=True)
+        encs = await self._encode(texts, info["max_tokens"], body, offsets=True)
         rows, names, meta = [], [], []
         for i, enc in enumerate(encs):
             for model, name in pairs:
-                rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "token"})
+                rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "token",
+                             "truncate": enc["truncate"]})
                 names.append(name)
                 meta.append((i, model, enc))
         results = await self._run_rows("tag", rows, names)
         data = []
         prefix, unk = self.encoder.subword_prefix, self.encoder.unk_id
         for (i, model, enc), res in zip(meta, results):
+            if res.get("truncated_to"):  # cut further by the model replica (an adapter's virtual tokens)
+                enc = keep(enc, res["truncated_to"], enc["truncate"])
             probs = [_softmax(token_logits) for token_logits in res["logits"]]
             labels = res["labels"] or [f"LABEL_{j}" for j in range(len(probs[0]) if probs else 0)]
             found = pieces(probs, [tuple(o) for o in enc["offset_mapping"]], enc["tokens"], enc["input_ids"],
@@ -603,19 +686,22 @@ class Ingress:
             raise ApiError(422, f"dimensions={body.dimensions}: this model gives {info['hidden_size']} dimensions",
                            "invalid_field")
         rows = []
+        limit, why = embedding_limit(info)  # the base's sentence-transformers max_seq_length
+        texts = [i for i, item in enumerate(inputs) if isinstance(item, str)]  # encoded together (texts.py)
+        encoded = dict(zip(texts, await self._encode([inputs[i] for i in texts], limit, body, why=why, indexes=texts)))
         for i, item in enumerate(inputs):
             if isinstance(item, str):
-                ids = self._encode([item], info["max_tokens"])[0]["input_ids"]
+                enc = encoded[i]
             else:
                 if not item:
                     raise ApiError(422, f"input {i} is an empty list of token ids", "empty_input")
-                self._check_tokens(item, i, info["max_tokens"])
                 bad = next((t for t in item if not 0 <= t < info["vocab_size"]), None)
                 if bad is not None:
                     raise ApiError(422, f"input {i}: token id {bad} is outside the vocabulary "
                                    f"[0, {info['vocab_size']})", "invalid_input")
-                ids = item
-            rows.append({"adapter": name, "input_ids": ids, "need": "embedding"})
+                enc = self._fit({"input_ids": item}, i, limit, body, text=False, why=why)
+            rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "embedding",
+                         "truncate": enc["truncate"]})
         results = await self._run_rows("embeddings", rows, [name] * len(rows))
         data = []
         for i, res in enumerate(results):
@@ -625,7 +711,7 @@ class Ingress:
             if body.encoding_format == "base64":
                 emb = base64.b64encode(np.asarray(emb, dtype="<f4").tobytes()).decode("ascii")
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        tokens = sum(len(r["input_ids"]) for r in rows)
+        tokens = sum(res.get("truncated_to") or len(r["input_ids"]) for r, res in zip(rows, results))
         out = {"object": "list", "data": data, "model": body.model,
                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return self._respond("embeddings", out, results, [name] * len(rows))
@@ -635,10 +721,9 @@ class Ingress:
     def _check_admin(self, request: Request) -> None:
         key = self.cfg.admin_api_key
         if key is None:
-            host = request.client.host if request.client else None
-            if host not in LOCAL_CLIENTS:
-                raise ApiError(403, "admin routes answer only local clients when no admin_api_key is configured",
-                               "forbidden")
+            if not is_local_client(request.scope, request.headers, self.cfg.forwarded_allow_ips):
+                raise ApiError(403, "admin routes answer only local clients (not through a proxy) when no "
+                               "admin_api_key is configured", "forbidden")
             return
         auth = request.headers.get("authorization")
         if not auth:
@@ -666,8 +751,8 @@ class Ingress:
 
     async def _list_adapters(self, request: Request):
         self._check_admin(request)
-        adapters = await self.model.list_adapters.remote()
-        return JSONResponse({"object": "list", "data": adapters})
+        listing = await self.model.adapter_listing.remote()
+        return JSONResponse({"object": "list", "data": listing["data"], "broken": listing["broken"]})
 
     @app.post("/v1/adapters")
     async def add_adapter(self, request: Request):
@@ -676,24 +761,36 @@ class Ingress:
     async def _add_adapter(self, request: Request):
         self._check_admin(request)
         body = self._parse(AdapterBody, await self._json(request))
+        logs.note(action="adapter.add", adapter=body.name[:logs.MAX_CHARS], source=logs.safe_source(body.source))
         try:
             check_name(body.name)
+            if body.name == self.base_name:  # "model": <base name> always means the base: never reachable
+                raise AdapterError(f"invalid adapter name {body.name!r}: the base model's name")
         except AdapterError as exc:
             raise ApiError(422, str(exc), "invalid_name") from None
         out = await self.model.add_adapter.remote(body.name, body.source, body.labels)
         if out.get("error"):
-            raise ApiError(422, out["error"], out["code"])
+            status = ROW_CODES.get(out["code"], (422, ""))[0]
+            raise ApiError(status, out["error"], out["code"], self._retry() if status == 429 else None)
         out.pop("load_s", None)  # recorded by the model replica (polyhead_adapter_load_seconds)
+        if self.pusher is not None:  # registered again just after a delete: its series count at once
+            await self.pusher.remember_adapter(body.name)
+        logs.note(version=out.get("version"))
         return JSONResponse(dict(out, object="adapter"), status_code=201)
 
     @app.delete("/v1/adapters/{name:path}")
     async def remove_adapter(self, name: str, request: Request):
         async def handler(request: Request):
             self._check_admin(request)
+            logs.note(action="adapter.remove", adapter=name[:logs.MAX_CHARS])
+            _exact_path_param(request, name)
             try:
                 parse_ref(name)  # `name` (every version) or `name@N`
             except AdapterError:
                 raise ApiError(404, f"unknown adapter {name[:80]!r}", "model_not_found", adapter="unknown") from None
+            if name in self.cfg.adapters:  # in every replica's config: removing it from one would split them
+                raise ApiError(409, f"adapter {name!r} comes from the serve config (`adapters`); remove it there "
+                               "and redeploy", "config_adapter")
             if not await self.model.remove_adapter.remote(name):
                 raise ApiError(404, f"unknown adapter {name!r}", "model_not_found", adapter="unknown")
             if "@" not in name:  # every version is gone: so are its series (one version: the name stays)

@@ -3,12 +3,14 @@
 Each replica (ingress and model) runs a MetricsPusher that sends its Recorder's cumulative values to
 the hub, a named Ray actor per app (`polyhead-metrics:<app>`), every `interval_s` when something
 changed (only the changed series) and at least every HEARTBEAT_S. The hub keeps the latest values per
-replica and answers their sum, rendered with prometheus-client:
+replica and answers their combination, rendered with prometheus-client:
 
 - counters and histograms: the sum over every replica that ever reported since the hub started (a
   replica that stopped keeps its final counts, so sums never go down while the hub lives);
-- gauges: the sum over replicas heard from within `ttl_s` (a stopped replica's slots are not counted);
-- `polyhead_metrics_sources{deployment}`: how many replicas the gauges sum, so a scrape says what it covers.
+- gauges: over the replicas heard from within `ttl_s` (a stopped replica's slots are not counted), as
+  their Series.aggregate says: one series per replica, labelled `replica` (the slot gauges: a sum of
+  every replica's max_slots is no replica's), their maximum (build_info) or their sum;
+- `polyhead_metrics_sources{deployment}`: how many replicas the gauges cover, so a scrape says what it covers.
 
 Values are cumulative, so a lost or repeated push cannot skew a sum; each push carries the replica's
 sequence number, and a late one (a push that timed out, say while the hub started) is ignored.
@@ -32,6 +34,7 @@ from prometheus_client.metrics_core import Metric
 from .metrics import ALL_SERIES, HUB_SERIES, Recorder
 
 HEARTBEAT_S = 5.0
+FORGET_GRACE_S = 60.0  # after a delete, late rows (admitted before it, drained up to 30 s) recreate no series
 WARN_EVERY_S = 60.0
 _SUFFIX_ORDER = {"_bucket": 0, "_count": 1, "_sum": 2}
 log = logging.getLogger("ray.serve")  # Serve writes it into the replica's log
@@ -39,11 +42,12 @@ log = logging.getLogger("ray.serve")  # Serve writes it into the replica's log
 Key = tuple  # (family, sample name, sorted label items)
 
 
-def merge(sources: list[tuple[str, dict[Key, float], bool]]) -> list[Metric]:
-    """(deployment, values, live) per replica -> summed families, each sample in a stable order."""
+def merge(sources: list[tuple[str, str, dict[Key, float], bool]]) -> list[Metric]:
+    """(replica id, deployment, values, live) per replica -> combined families (module docstring), each
+    sample in a stable order."""
     totals: dict[str, dict[tuple, float]] = {}
     live_by_deployment: dict[str, int] = {}
-    for deployment, values, live in sources:
+    for source, deployment, values, live in sources:
         if live:
             live_by_deployment[deployment] = live_by_deployment.get(deployment, 0) + 1
         for (family, sample, labels), value in values.items():
@@ -51,7 +55,11 @@ def merge(sources: list[tuple[str, dict[Key, float], bool]]) -> list[Metric]:
             if series is None or (series.kind == "gauge" and not live):
                 continue
             samples = totals.setdefault(family, {})
-            samples[(sample, labels)] = samples.get((sample, labels), 0.0) + value
+            if series.aggregate == "replica":
+                labels = tuple(sorted(labels + (("replica", source),)))
+            old = samples.get((sample, labels))
+            samples[(sample, labels)] = (value if old is None else max(old, value) if series.aggregate == "max"
+                                         else old + value)
     sources_series = HUB_SERIES["sources"]
     totals[sources_series.name] = {(sources_series.name, (("deployment", d),)): float(n)
                                    for d, n in live_by_deployment.items()}
@@ -93,49 +101,70 @@ class _Source:
 
 
 class MetricsHub:
-    """The latest cumulative values of every replica of one app; answers their sum (run as a Ray actor)."""
+    """The latest cumulative values of every replica of one app; answers their combination (run as a Ray actor)."""
 
     def __init__(self):
         self.epoch = secrets.token_hex(8)
         self._sources: dict[str, _Source] = {}
         self._forgotten: list[str] = []  # deleted adapters, in order
+        self._forgotten_at: dict[str, float] = {}  # deleted adapter -> when (within FORGET_GRACE_S: late series)
 
     def push(self, source: str, deployment: str, epoch: str | None, seq: int, values: dict, full: bool,
-             ttl_s: float, forgotten_seen: int) -> tuple[str, bool, list[str]]:
+             ttl_s: float, forgotten_seen: int) -> tuple[str, bool, list[str], list[str]]:
         """Take a replica's values (all of them when `full`, else the changed ones) as of its push number `seq`.
 
-        Answers (hub epoch, accepted, adapters deleted since the replica's `forgotten_seen`-th); the
-        replica drops those adapters' series too, and until it has, its values for them are ignored.
+        Answers (hub epoch, accepted, adapters deleted since the replica's `forgotten_seen`-th, adapters
+        deleted within FORGET_GRACE_S whose series it sent again); the replica drops those adapters' series
+        too, and until it has, its values for them are ignored: a row admitted before a delete and answered
+        after it (the replica had already dropped the series) never brings the deleted adapter's series back.
+        An adapter registered again through the admin route is remembered at once (remember_adapter).
         Changes against another epoch (this hub restarted) are refused: the replica then sends all.
         A push older than one already taken is ignored (accepted: a newer one holds its values).
         """
         if epoch != self.epoch:
             forgotten_seen = 0
             if not full:
-                return self.epoch, False, list(self._forgotten)
+                return self.epoch, False, list(self._forgotten), []
         entry = self._sources.get(source)
         if entry is not None and seq <= entry.seq:
-            return self.epoch, True, []
+            return self.epoch, True, [], []
         news = self._forgotten[forgotten_seen:]
-        if news:
-            values = {k: v for k, v in values.items() if not any(("adapter", n) in k[2] for n in news)}
+        now = time.monotonic()
+        for name in [n for n, at in self._forgotten_at.items() if now - at >= FORGET_GRACE_S]:
+            del self._forgotten_at[name]
+        drop = set(news) | set(self._forgotten_at)
+        late: set[str] = set()
+        if drop:
+            kept = {}
+            for key, value in values.items():
+                adapter = dict(key[2]).get("adapter")
+                if adapter in drop:
+                    late.add(adapter)
+                else:
+                    kept[key] = value
+            values = kept
         if entry is None or full:
             entry = self._sources[source] = _Source(deployment, ttl_s)
         entry.values.update(values)
-        entry.seen, entry.ttl_s, entry.seq = time.monotonic(), ttl_s, seq
-        return self.epoch, True, news
+        entry.seen, entry.ttl_s, entry.seq = now, ttl_s, seq
+        return self.epoch, True, news, sorted(late - set(news))
 
     def forget_adapter(self, name: str) -> None:
         """Drop every series labelled with adapter `name`, from every replica's values; replicas learn it
         from their next push."""
         self._forgotten.append(name)
+        self._forgotten_at[name] = time.monotonic()
         for entry in self._sources.values():
             for key in [k for k in entry.values if ("adapter", name) in k[2]]:
                 del entry.values[key]
 
+    def remember_adapter(self, name: str) -> None:
+        """`name` was registered again: its new series count from now on, within FORGET_GRACE_S too."""
+        self._forgotten_at.pop(name, None)
+
     def exposition(self) -> bytes:
         now = time.monotonic()
-        sources = [(e.deployment, e.values, now - e.seen <= e.ttl_s) for e in self._sources.values()]
+        sources = [(name, e.deployment, e.values, now - e.seen <= e.ttl_s) for name, e in self._sources.items()]
         return render(merge(sources))
 
 
@@ -209,12 +238,12 @@ class MetricsPusher:
             hub = await self._hub_handle()
             try:
                 self._seq += 1
-                epoch, accepted, forgotten = await asyncio.wait_for(hub.push.remote(
+                epoch, accepted, forgotten, late = await asyncio.wait_for(hub.push.remote(
                     self.source, self.deployment, self._epoch, self._seq, changes, full, self.ttl_s,
                     self._forgotten_seen), timeout_s)
                 if not accepted:  # a new hub: send everything
                     self._seq += 1
-                    epoch, accepted, forgotten = await asyncio.wait_for(hub.push.remote(
+                    epoch, accepted, forgotten, late = await asyncio.wait_for(hub.push.remote(
                         self.source, self.deployment, epoch, self._seq, values, True, self.ttl_s, 0), timeout_s)
             except ray.exceptions.RayActorError:
                 self._hub, self._epoch = None, None  # gone: the next push creates a new one and sends all
@@ -223,7 +252,7 @@ class MetricsPusher:
                 self._forgotten_seen = 0
             self._epoch, self._sent, self._last_push = epoch, values, time.monotonic()
             self._forgotten_seen += len(forgotten)
-            for name in forgotten:  # deleted through another replica: the next push sends all, without them
+            for name in [*forgotten, *late]:  # deleted (late: rows answered after): the next push sends all, without
                 self.recorder.forget_adapter(name)
 
     async def _hub_handle(self):
@@ -237,8 +266,16 @@ class MetricsPusher:
         hub = await self._hub_handle()
         await asyncio.wait_for(hub.forget_adapter.remote(name), 5.0)
 
+    async def remember_adapter(self, name: str) -> None:
+        """`name` was registered (again): its series count at once, even just after a delete (best effort)."""
+        try:
+            hub = await self._hub_handle()
+            await asyncio.wait_for(hub.remember_adapter.remote(name), 5.0)
+        except Exception:  # noqa: BLE001 - metrics never fail a registration; the grace period ends anyway
+            pass
+
     async def exposition(self, timeout_s: float = 5.0) -> bytes:
-        """Every replica's series, summed by the hub (this replica's latest values pushed first)."""
+        """Every replica's series, combined by the hub (this replica's latest values pushed first)."""
         await self.push(timeout_s)
         hub = await self._hub_handle()
         return await asyncio.wait_for(hub.exposition.remote(), timeout_s)

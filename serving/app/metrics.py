@@ -3,8 +3,11 @@
 A Recorder writes every value twice:
 - into the process's prometheus-client registry. Each replica (ingress and model) sends that
   registry's cumulative values to the app's MetricsHub (serving/app/hub.py), and GET /metrics, on
-  whichever ingress replica answers, serves the hub's sum over every replica: complete with several
-  ingress and model replicas on several nodes, at most `metrics_push_s` behind;
+  whichever ingress replica answers, serves the hub's combination of every replica: complete with several
+  ingress and model replicas on several nodes, at most `metrics_push_s` behind. Each series says how
+  (`Series.aggregate`): counters and histograms are summed; a gauge that describes one replica (its slots,
+  its adapters) keeps one series per replica, labelled `replica` (Ray's replica id, the value Ray's own
+  export gives that label), since no sum or maximum of them means what its name says;
 - into ray.serve.metrics, which each Ray node's metrics agent exports (as `ray_polyhead_*`, with
   deployment/replica/application labels): the route Prometheus scrapes in a cluster (deploy/README.md).
 
@@ -12,10 +15,13 @@ Each series is recorded where its event happens: request-level series (requests,
 adapter, end-to-end and queue latency) in the ingress; batch, adapter-load and slot series in the
 model replica. Adapter label values are registered adapter names (without `@N`), else "unknown"
 (a name nothing is registered under), "none" (no adapter involved) or "base".
+Route label values are the routes' names; a request no route answers (404 route_not_found, 405) is
+counted under route "unknown", never under its path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -30,6 +36,13 @@ class Series:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    # how GET /metrics combines the replicas' values (serving/app/hub.py): "sum"; "max" (e.g. build_info:
+    # 1 per version); "replica": one series per replica, labelled replica=<Ray's replica id>
+    aggregate: str = "sum"
+
+    def __post_init__(self):
+        if self.aggregate not in ("sum", "max", "replica") or (self.aggregate != "sum" and self.kind != "gauge"):
+            raise ValueError(f"{self.name}: aggregate {self.aggregate!r} (sum for every kind; max, replica: gauges)")
 
 
 INGRESS_SERIES = {
@@ -42,6 +55,11 @@ INGRESS_SERIES = {
                       ("route",), LATENCY_BUCKETS),
     "queue": Series("polyhead_queue_seconds", "histogram", "per row: the ingress's wait for its result minus its "
                     "batch's compute time (queues, batch wait, transfers)", ("route",), LATENCY_BUCKETS),
+    "adapter_latency": Series("polyhead_adapter_request_seconds", "histogram", "end-to-end latency of the "
+                              "answered requests that named each adapter (base: the base model), by route",
+                              ("route", "adapter"), LATENCY_BUCKETS),
+    "build_info": Series("polyhead_build_info", "gauge", "1, labelled with the polyhead version the ingress "
+                         "replicas run", ("version",), aggregate="max"),
     "model_call_rows": Series("polyhead_model_call_rows", "histogram", "rows per call from the ingress to the model "
                               "deployment (concurrent requests share calls: serving/app/coalesce.py)", (),
                               SIZE_BUCKETS),
@@ -60,12 +78,17 @@ MODEL_SERIES = {
     "slot_loads": Series("polyhead_slot_loads", "counter", "adapter copies into slots"),
     "slot_evictions": Series("polyhead_slot_evictions", "counter", "adapters evicted from slots (LRU)"),
     "forwards": Series("polyhead_forwards", "counter", "batched forwards of the base"),
-    "resident_slots": Series("polyhead_resident_slots", "gauge", "adapters resident in slots (summed over model "
-                             "replicas)"),
-    "max_slots": Series("polyhead_max_slots", "gauge", "slots of the engines (summed over model replicas)"),
-    "registered_adapters": Series("polyhead_registered_adapters", "gauge", "adapter versions loaded in the engines "
-                                  "(summed over model replicas)"),
-    "slot_bytes": Series("polyhead_slot_bytes", "gauge", "bytes held by slot tensors (summed over model replicas)"),
+    "resident_slots": Series("polyhead_resident_slots", "gauge", "adapters resident in the slots of one model "
+                             "replica (label replica)", aggregate="replica"),
+    "max_slots": Series("polyhead_max_slots", "gauge", "slots of one model replica's engine, max_slots of the "
+                        "config (label replica)", aggregate="replica"),
+    "registered_adapters": Series("polyhead_registered_adapters", "gauge", "adapter versions loaded in one model "
+                                  "replica's engine (label replica)", aggregate="replica"),
+    "slot_bytes": Series("polyhead_slot_bytes", "gauge", "bytes held by one model replica's slot tensors (label "
+                         "replica)", aggregate="replica"),
+    "broken_versions": Series("polyhead_broken_adapter_versions", "gauge", "published adapter versions the store "
+                              "cannot read back (skipped by listings; remove them), as of the last listing",
+                              aggregate="max"),
 }
 GATE_SERIES = {
     "refusals": Series("polyhead_gate_refusals", "counter", "inference requests refused (429) by the front gate in "
@@ -188,6 +211,14 @@ class Recorder:
     def exposition(self) -> bytes:
         """This process's series alone, in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def polyhead_version() -> str:
+    """The installed polyhead package's version (build_info), "unknown" when run from a tree not installed."""
+    try:
+        return version("polyhead")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def adapter_label(ref: str | None) -> str:

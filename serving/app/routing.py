@@ -10,6 +10,8 @@ A/B routes (one name -> weighted adapters) are a later issue.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import threading
 import time
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_store import AdapterError, AdapterStore, AdapterVersion, parse_ref
+from adapters_store.listing import Broken, scan
 
 BASE_ALIASES = ("base",)
 RESOLVE_TRIES = 3  # store lookups of one ref when a failed one races a new version of the name
@@ -50,6 +53,7 @@ class Resolved:
     path: str
     labels: tuple[str, ...] | None
     key: str
+    warnings: tuple[str, ...] = ()  # Registry.add only: what validating the new version found (AdapterSpec.warnings)
 
     @property
     def full_ref(self) -> str:
@@ -66,6 +70,13 @@ def engine_key(name: str, version: int | None) -> str:
         return name + suffix
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{name[:MAX_KEY_CHARS - len(suffix) - 17]}.{digest}{suffix}"
+
+
+def _published_list(store: AdapterStore, name: str) -> list[int]:
+    try:
+        return store.published_versions(name)
+    except (AdapterError, OSError):
+        return []
 
 
 def _published(store: AdapterStore, name: str, version: int | None) -> bool:
@@ -96,6 +107,7 @@ class Registry:
         self._lock = threading.Lock()
         self._static: dict[str, Source] = dict(static or {})
         self._cache: dict[str, tuple[Resolved, float]] = {}  # ref -> (resolved, expires at)
+        self._names: tuple[list[str], float] = ([], 0.0)  # the store's names, expires at (unknown_message)
 
     def cached(self, ref: str) -> Resolved | None:
         """`ref` resolved without touching the store (static, or a fresh cache entry), else None.
@@ -143,28 +155,61 @@ class Registry:
         return resolved
 
     def add(self, name: str, source: str | Path, *, schema, labels: list[str] | None = None,
-            max_rank: int = 64) -> Resolved:
-        """Validate and publish `source` as the next version of `name`; later lookups of `name` see it at once."""
+            max_rank: int = 64, policy=None) -> Resolved:
+        """Validate and publish `source` as the next version of `name`; later lookups of `name` see it at once.
+        `policy`: an adapters_store.sources.SourcePolicy for URL sources (None: the operator's, any URL)."""
         with self._lock:
             if name in self._static:
                 raise AdapterError(f"adapter {name!r} is configured statically (config `adapters`); "
                                    "publish store adapters under another name")
-        found = self.store.add(name, source, schema=schema, labels=labels, max_rank=max_rank)
+        found = self.store.add(name, source, schema=schema, labels=labels, max_rank=max_rank, policy=policy)
         resolved = self._from_store(name, found)
         with self._lock:
             self._cache[name] = (resolved, time.monotonic() + self.ttl_s)
             self._cache[found.ref] = (self._from_store(found.ref, found), time.monotonic() + self.ttl_s)
-        return resolved
+        return dataclasses.replace(resolved, warnings=found.warnings)
+
+    def unknown_message(self, ref: str) -> str:
+        """Why nothing answers to the valid reference `ref`, for its 404: a config adapter asked for with a
+        version (config adapters have none), a version the name does not have, else the closest names."""
+        name, _, version = ref.partition("@")
+        with self._lock:
+            static = name in self._static
+        if static and version:
+            return (f"unknown model {ref!r}: {name!r} is a config adapter (the serve config's `adapters`), "
+                    f"which has no versions: ask for {name!r}")
+        have = _published_list(self.store, name) if version else []
+        if have:
+            return f"unknown model {ref!r}: {name!r} has versions {', '.join(str(v) for v in have[-10:])}"
+        close = [c for c in difflib.get_close_matches(name, self._known_names(), n=3, cutoff=0.6)
+                 if c in self._static or _published_list(self.store, c)]
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        return f"unknown model {ref!r}{hint}"
+
+    def _known_names(self) -> list[str]:
+        """Config adapters' names and the store's (cached for ttl_s: 404s must not list the store each time)."""
+        now = time.monotonic()
+        with self._lock:
+            names, expires = self._names
+            static = list(self._static)
+        if expires <= now:
+            try:
+                names = self.store.names()
+            except (AdapterError, OSError):
+                names = []
+            with self._lock:
+                self._names = (names, now + self.ttl_s)
+        return sorted(set(names) | set(static))
+
+    def is_static(self, name: str) -> bool:
+        with self._lock:
+            return name in self._static
 
     def remove(self, name: str, version: int | None = None) -> list[Resolved]:
-        """Remove a static entry and/or store versions (every version when `version` is None); [] if none."""
+        """Remove store versions (every version when `version` is None); [] if none. Static entries stay: they
+        come from every replica's config, and removing one here would leave the other replicas serving it."""
         removed: list[Resolved] = []
-        with self._lock:
-            static = self._static.pop(name, None) if version is None else None
-            for ref in [r for r in self._cache if r == name or r.startswith(name + "@")]:
-                del self._cache[ref]
-        if static is not None:
-            removed.append(Resolved(name, name, None, static.path, static.labels, engine_key(name, None)))
+        self.forget(name)
         try:
             gone = self.store.remove(name, version)
         except AdapterError:
@@ -183,6 +228,10 @@ class Registry:
     def list(self) -> list[dict]:
         """One entry per name: static entries, then the store's names with their latest version (its head's task
         and labels as recorded when it was added; a static entry's are not known here: None)."""
+        return self.listing()[0]
+
+    def listing(self) -> tuple[list[dict], list[Broken]]:
+        """list()'s entries, and the store's versions that cannot be read (skipped: adapters_store/listing.py)."""
         with self._lock:
             statics = sorted(self._static.values(), key=lambda s: s.name)
         out = {s.name: {"name": s.name, "version": None, "versions": [], "source": s.path,
@@ -190,7 +239,8 @@ class Registry:
                         "key": engine_key(s.name, None)}
                for s in statics}
         by_name: dict[str, list[AdapterVersion]] = {}
-        for v in self.store.list():
+        found = scan(self.store)
+        for v in found.versions:
             by_name.setdefault(v.name, []).append(v)
         for name, versions in sorted(by_name.items()):
             latest = max(versions, key=lambda v: v.version)
@@ -199,7 +249,7 @@ class Registry:
                                           "labels": list(labels) if labels else None, "task": latest.task,
                                           "created": latest.created, "key": engine_key(name, latest.version)})
             entry["versions"] = [v.version for v in versions]
-        return [out[k] for k in sorted(out)]
+        return [out[k] for k in sorted(out)], found.broken
 
     @staticmethod
     def _from_store(ref: str, v: AdapterVersion) -> Resolved:

@@ -14,7 +14,10 @@ transformers' tokenizer as the model does.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+from ..truncation import Ends
 
 PROBES = (
     "Hello, world!",
@@ -54,11 +57,15 @@ class TextEncoder:
         self._transformers = None
         self.checked = False
         self.fallback_reason: str | None = None  # why the ingress tokenizes with transformers, if it does
+        self._ends: tuple[str, Ends] | None = None  # (backend, its template), found once per backend
+        self._boundary: re.Pattern | None = None  # where tokenizer.json's texts may be cut (cut_boundary)
         path = self.base_dir / "tokenizer.json"
         if path.is_file():  # transformers reads it with the same library: one it cannot parse fails either way
             from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+            spec = path.read_text(encoding="utf-8")
+            tok = Tokenizer.from_str(spec)
+            self._boundary = cut_boundary(json.loads(spec))
             tok.no_truncation()
             tok.no_padding()
             self._fast = tok
@@ -89,12 +96,30 @@ class TextEncoder:
                 return enc
             return {"input_ids": enc["input_ids"], "offset_mapping": enc["offset_mapping"],
                     "tokens": self._transformers.convert_ids_to_tokens(enc["input_ids"])}
-        enc = self._fast.encode(text, add_special_tokens=True)
+        enc = self._fast.encode_batch([text], add_special_tokens=True)[0]  # encode holds the GIL, encode_batch not
         out = {"input_ids": enc.ids}
         if offsets:
             out["offset_mapping"] = enc.offsets
             out["tokens"] = enc.tokens
         return out
+
+    def ends(self) -> Ends:
+        """The special ids this tokenizer puts around a text's own tokens ([CLS] and [SEP] for BERT), which a
+        truncation keeps (serving/truncation.py)."""
+        if self._ends is None or self._ends[0] != self.backend:
+            if self._fast is not None:
+                both, plain = (self._fast.encode("a", add_special_tokens=s).ids for s in (True, False))
+            elif self._transformers is not None:
+                both, plain = (self._transformers("a", add_special_tokens=s)["input_ids"] for s in (True, False))
+            else:
+                return Ends()
+            self._ends = (self.backend, Ends.of(both, plain))
+        return self._ends[1]
+
+    @property
+    def boundary(self) -> re.Pattern | None:
+        """The characters a text may be cut before (serving/app/texts.py), None where it may not be cut."""
+        return self._boundary if self._fast is not None else None
 
     @property
     def subword_prefix(self) -> str | None:
@@ -130,3 +155,30 @@ class TextEncoder:
             self.fallback_reason = why
             self._use_transformers()
         return why
+
+
+# BERT's "Chinese characters" (the CJK ideographs its normalizer surrounds with spaces), where the Python and
+# Rust tokenizers agree (Rust's third-from-last range begins at 0x2B920, Python's at 0x2B820)
+CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+       (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+WORD_LOCAL = {"normalizer": {None, "BertNormalizer"}, "pre_tokenizer": {"BertPreTokenizer", "WhitespaceSplit",
+              "Whitespace"}, "model": {"WordPiece"}, "post_processor": {None, "TemplateProcessing", "BertProcessing"}}
+
+
+def cut_boundary(spec: dict) -> re.Pattern | None:
+    """The characters before which a text may be cut, its tokens then being the two parts' (serving/app/texts.py):
+    ASCII whitespace, and BERT's CJK ideographs where its normalizer isolates them, for a WordPiece tokenizer
+    whose every step works word by word (a BERT normalizer: per character; a whitespace or BERT pre-tokenizer)
+    and none of whose added tokens (matched in the raw text first) holds such a character or takes the spaces
+    around it (lstrip, rstrip, single_word). None for any other tokenizer: its texts are tokenized whole."""
+    for step, kinds in WORD_LOCAL.items():
+        if (spec.get(step) or {}).get("type") not in kinds:
+            return None
+    chars = " \t\n\r"
+    if (spec.get("normalizer") or {}).get("handle_chinese_chars"):
+        chars += "".join(f"{chr(a)}-{chr(b)}" for a, b in CJK)
+    boundary = re.compile(f"[{chars}]")
+    for token in spec.get("added_tokens") or ():
+        if boundary.search(token["content"]) or any(token.get(k) for k in ("lstrip", "rstrip", "single_word")):
+            return None
+    return boundary

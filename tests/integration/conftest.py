@@ -102,7 +102,12 @@ def urls(adapter_dirs, store_root):
                           "max_queued_requests": 64, "max_pending_rows": 64, "max_model_calls": 2, "num_threads": 2, "num_cpus": 1, "max_slots": 8,
                           "admin_api_key": ADMIN_KEY, "adapters": served, "max_items": 64, "max_models": 8,
                           "max_body_bytes": 200_000, "store_root": str(store_root), "store_ttl_s": 0.2,
-                          "metrics_push_s": 0.1})
+                          "metrics_push_s": 0.1,
+                          # a fixed admission limit of 64 rows (64 requests at each gate): the flood and gate tests
+                          # count refusals against it; admission by expected wait: test_admission, test_burst
+                          "max_queue_wait_s": 0,
+                          # URL sources from the tests' own web servers on 127.0.0.1 (default: local folders only)
+                          "source_schemes": ["http"], "source_hosts": ["127.0.0.1"]})
         serve.run(main, name="polyhead", route_prefix="/")
         direct = direct_ingress_url("polyhead", ports)
         wait_ready(direct)

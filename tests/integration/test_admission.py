@@ -1,8 +1,10 @@
-"""serving/app/admission.py without Ray: the admission limit and the Retry-After it advises, on a fake clock."""
+"""serving/app/admission.py without Ray: the admission limit (fixed, or by expected wait) and the Retry-After it
+advises, on a fake clock."""
 from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 
@@ -214,3 +216,128 @@ def test_config_bounds_are_checked():
         Admission(64, min_retry_s=10, max_retry_s=5)
     cfg = ServeConfig(retry_after_s=2, max_retry_after_s=2)
     assert (cfg.retry_after_s, cfg.max_retry_after_s) == (2, 2)
+
+
+# admission by expected wait (max_wait_s) --------------------------------------------------------------------
+
+def test_with_no_rate_measured_a_burst_is_admitted_up_to_the_hard_limit():
+    """An idle server (no completion yet): 256 one-row requests at once are all admitted, the 257th is not
+    (a fixed 48 rows refused 208 of them on `make serve`)."""
+    adm = Admission(256, min_retry_s=1, max_retry_s=60, max_wait_s=0.5, min_rows=32, clock=Clock())
+    for _ in range(256):
+        assert not adm.full
+        adm.admit(1)
+    assert adm.full and adm.limit() == 256
+
+
+def test_with_a_rate_a_request_is_admitted_while_the_backlog_is_worked_off_within_max_wait():
+    clock = Clock()
+    adm = Admission(256, min_retry_s=1, max_retry_s=60, max_wait_s=0.5, min_rows=8, clock=clock)
+    served(adm, clock, rows_per_s=100, seconds=5)
+    adm.admit(50)  # 50 rows at 100 rows/s: 0.5 s, within max_wait_s
+    assert not adm.full and adm.limit() == 51
+    adm.admit(1)  # 0.51 s
+    assert adm.full
+    assert adm.refuse() == 1  # Retry-After: the same rule, (51 + 1) / 100 rows/s
+    adm.done(1)
+    assert not adm.full
+
+
+def test_the_limit_follows_the_models_speed_between_min_rows_and_the_hard_limit():
+    clock = Clock()
+    slow = Admission(256, min_retry_s=1, max_retry_s=60, max_wait_s=0.5, min_rows=32, clock=clock)
+    served(slow, clock, rows_per_s=10, seconds=5)  # 5 rows in 0.5 s, but one batch is always admitted
+    slow.admit(31)
+    assert not slow.full and slow.limit() == 32
+    slow.admit(1)
+    assert slow.full
+    fast = Admission(256, min_retry_s=1, max_retry_s=60, max_wait_s=0.5, min_rows=32, clock=clock)
+    served(fast, clock, rows_per_s=2000, seconds=2)  # 1000 rows in 0.5 s: the hard limit binds
+    fast.admit(255)
+    assert not fast.full
+    fast.admit(1)
+    assert fast.full and fast.limit() == 256
+
+
+def test_a_sustained_overload_is_shed_once_the_rate_is_known_and_its_backlog_stays_within_max_wait():
+    """A cold start under 4x overload: the first burst is admitted (no rate yet), then the backlog drains to
+    what the model works off in max_wait_s and stays there; the admitted rows wait at most that long."""
+    clock = Clock()
+    adm = Admission(256, min_retry_s=1, max_retry_s=60, max_wait_s=0.5, min_rows=16, clock=clock)
+    queue: list[float] = []  # admission times of pending rows, oldest first
+    waits, refused_from = [], None
+    for tick in range(1000):  # 10 s: 400 one-row requests a second arrive, the model completes 100
+        for _ in range(4):
+            if adm.full:
+                refused_from = tick if refused_from is None else refused_from
+                adm.refuse(("10.0.0.2", tick))
+            else:
+                adm.admit(1)
+                queue.append(clock.t)
+        clock.t += 0.01
+        adm.done(1)
+        waits.append(clock.t - queue.pop(0))
+    assert refused_from is not None and refused_from * 0.01 < 1.1  # shed within min_busy_s (+ a tick)
+    assert adm.rows_per_s() == pytest.approx(100, rel=0.01)
+    assert 45 <= adm.pending_rows <= 52  # 0.5 s at 100 rows/s
+    assert max(waits[-500:]) <= 0.53  # the last 5 s: every admitted row waited at most max_wait_s (+ a tick)
+
+
+def test_a_quiet_window_makes_the_next_burst_a_cold_one_again():
+    clock = Clock()
+    adm = Admission(256, min_retry_s=1, max_retry_s=60, max_wait_s=0.5, min_rows=16, window_s=10, clock=clock)
+    served(adm, clock, rows_per_s=50, seconds=3)
+    adm.admit(30)
+    assert adm.full  # 30 rows at 50 rows/s: 0.6 s
+    adm.done(30)
+    clock.t += 11  # idle for longer than the window
+    adm.admit(255)
+    assert not adm.full
+
+
+def test_max_wait_0_is_a_fixed_limit_whatever_the_rate():
+    clock = Clock()
+    adm = Admission(48, min_retry_s=1, max_retry_s=60, max_wait_s=0, min_rows=32, clock=clock)
+    served(adm, clock, rows_per_s=10, seconds=5)
+    adm.admit(47)
+    assert not adm.full
+    adm.admit(1)
+    assert adm.full and adm.limit() == 48
+    with pytest.raises(ValueError, match="max_wait_s"):
+        Admission(48, 1, 60, max_wait_s=float("nan"))
+
+
+def test_the_ingress_admission_comes_from_its_config():
+    adm = Admission.of(ServeConfig(num_replicas=2, max_batch_size=32, max_queue_wait_s=0.25, retry_after_s=2))
+    assert (adm.max_pending_rows, adm.max_wait_s, adm.min_rows, adm.min_retry_s) == (256, 0.25, 32, 2)
+
+
+def test_the_running_rate_equals_the_rate_recomputed_from_every_call():
+    """rows_per_s keeps running sums (constant time per request): it equals the sum over the window of the
+    answered rows, divided by the busy time (spells cut at the window's start), after a random history."""
+    rng = random.Random(7)
+    clock = Clock()
+    adm = Admission(10_000, min_retry_s=1, max_retry_s=60, max_wait_s=0.5, window_s=3, min_busy_s=0.01,
+                    clock=clock)
+    completed, spells, since, pending = [], [], None, 0
+    for _ in range(5000):
+        clock.t += rng.choice([0.001, 0.01, 0.1, 0.7, 4.0])
+        if pending and rng.random() < 0.5:
+            rows, answered = rng.randint(1, pending), rng.random() < 0.9
+            adm.done(rows, answered)
+            pending -= rows
+            completed += [(clock.t, rows)] if answered else []
+            if not pending:
+                spells.append((since, clock.t))
+        else:
+            since = clock.t if not pending else since
+            rows = rng.randint(1, 8)
+            adm.admit(rows)
+            pending += rows
+        start = clock.t - 3
+        rows_in = sum(r for t, r in completed if t >= start)
+        busy = sum(end - max(begin, start) for begin, end in spells + ([(since, clock.t)] if pending else [])
+                   if end >= start)
+        expected = rows_in / busy if rows_in and busy >= 0.01 else None
+        got = adm.rows_per_s()
+        assert (got is None) == (expected is None) and (got is None or got == pytest.approx(expected, rel=1e-6))

@@ -61,10 +61,10 @@ def test_config_defaults_and_derived_values():
     assert cfg.resolved_model_name() == "all-MiniLM-L6-v2" and Path(cfg.resolved_base_dir()).is_dir()
     assert cfg.replica_cpus() == cfg.num_threads
     assert ServeConfig(adapters={"a": "/x"}).adapters["a"].path == "/x"
-    # admission follows the model replicas unless set: one batch computing and one waiting in each
-    assert cfg.max_pending_rows is None and cfg.pending_rows_limit() == 2 * 32 * 1
-    assert ServeConfig(num_replicas=4, max_batch_size=16).pending_rows_limit() == 128
-    assert ServeConfig(num_replicas=2, max_batch_size=8).pending_rows_limit() == 64  # never below 64
+    # admission's hard limit (and its limit before a rate is measured) follows the model replicas unless set
+    assert cfg.max_pending_rows is None and cfg.pending_rows_limit() == 256 and cfg.max_queue_wait_s == 0.5
+    assert ServeConfig(num_replicas=4, max_batch_size=32).pending_rows_limit() == 4 * 32 * 4
+    assert ServeConfig(num_replicas=2, max_batch_size=8).pending_rows_limit() == 256  # never below 256
     assert ServeConfig(num_replicas=4, max_pending_rows=10).pending_rows_limit() == 10
 
 
@@ -212,7 +212,7 @@ def test_registry_resolves_static_latest_and_pinned_and_picks_up_new_versions(tm
     assert [r.version for r in reg.remove("x")] == [2] and reg.remove("x") == []
     with pytest.raises(UnknownAdapter):
         reg.resolve("x")
-    assert [r.version for r in reg.remove("st")] == [None]
+    assert reg.remove("st") == [] and reg.resolve("st").version is None  # config adapters stay (issue 24 item 4)
 
 
 def test_registry_tells_missing_from_broken_by_looking_not_by_the_message(tmp_path):
@@ -398,16 +398,22 @@ def test_hub_sums_every_replica_and_drops_the_gauges_of_silent_ones():
     for rec, sizes in ((m1, (4, 8)), (m2, (16,))):
         for size in sizes:
             rec.batch_size.observe(size)
-        rec.max_slots.set(8)
-    merged = render(merge([("Ingress", in1.values(), True), ("Ingress", in2.values(), True),
-                           ("ModelServer", m1.values(), True), ("ModelServer", m2.values(), False)]))
+    m1.max_slots.set(8)
+    m2.max_slots.set(6)
+    in1.build_info.labels("1.0").set(1)
+    in2.build_info.labels("1.0").set(1)
+    merged = render(merge([("i1", "Ingress", in1.values(), True), ("i2", "Ingress", in2.values(), True),
+                           ("m1", "ModelServer", m1.values(), True), ("m2", "ModelServer", m2.values(), False)]))
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(merged.decode()) for s in f.samples}
     assert samples[("polyhead_requests_total", (("code", "200"), ("route", "classify")))] == 5
     assert samples[("polyhead_rows_total", (("adapter", "a"), ("route", "classify")))] == 5
     assert samples[("polyhead_batch_size_count", ())] == 3 and samples[("polyhead_batch_size_sum", ())] == 28
     assert samples[("polyhead_batch_size_bucket", (("le", "8.0"),))] == 2
-    assert samples[("polyhead_max_slots", ())] == 8  # the silent replica's gauge is not counted
+    # a replica's gauge: one series per replica (never a sum of them); the silent replica's is left out
+    assert [(k, v) for k, v in samples.items() if k[0] == "polyhead_max_slots"] == \
+        [(("polyhead_max_slots", (("replica", "m1"),)), 8)]
+    assert samples[("polyhead_build_info", (("version", "1.0"),))] == 1  # the maximum: 1 per version
     assert samples[("polyhead_metrics_sources", (("deployment", "Ingress"),))] == 2
     assert samples[("polyhead_metrics_sources", (("deployment", "ModelServer"),))] == 1
 
@@ -421,7 +427,7 @@ def test_hub_protocol_epochs_late_pushes_and_deleted_adapters():
     ingress.rows.labels("classify", "b").inc()
     stale = ingress.values()
     ingress.rows.labels("classify", "b").inc()
-    epoch, ok, news = hub.push("i1", "Ingress", None, 2, ingress.values(), True, 15.0, 0)
+    epoch, ok, news, _ = hub.push("i1", "Ingress", None, 2, ingress.values(), True, 15.0, 0)
     assert ok and news == []
     assert hub.push("i1", "Ingress", None, 1, stale, True, 15.0, 0)[1]  # a late push (timed out): ignored
     assert 'adapter="b",route="classify"} 2.0' in hub.exposition().decode()
@@ -431,7 +437,7 @@ def test_hub_protocol_epochs_late_pushes_and_deleted_adapters():
     assert 'adapter="a"' not in text and 'adapter="b"' in text
     # i1 still has "a": its values for it are ignored, and it learns to drop them
     ingress.rows.labels("classify", "a").inc()
-    _, ok, news = hub.push("i1", "Ingress", epoch, 4, ingress.values(), False, 15.0, 0)
+    _, ok, news, _ = hub.push("i1", "Ingress", epoch, 4, ingress.values(), False, 15.0, 0)
     assert ok and news == ["a"] and 'adapter="a"' not in hub.exposition().decode()
 
 
@@ -632,6 +638,7 @@ def test_the_admission_header_carries_the_apps_gate_settings(monkeypatch):
                               body_timeout_s=12.5, max_body_bytes=5000)
     assert parse_admission(ingress._gate_config()) == {"app": "my app", "max": 7, "min_retry_s": 2,
                                                        "max_retry_s": 30, "push_s": ingress.cfg.metrics_push_s,
-                                                       "hold_s": 0.025, "body_s": 12.5, "body_bytes": 5000}
+                                                       "hold_s": 0.025, "body_s": 12.5, "body_bytes": 5000,
+                                                       "log_level": "INFO"}
     ingress.cfg = ServeConfig(accept_hold_ms=0)
     assert parse_admission(ingress._gate_config())["hold_s"] == 0

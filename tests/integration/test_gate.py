@@ -10,8 +10,8 @@ import pytest
 from serving.app.admission import Admission
 
 from serving.app.backlog import MAX_HOLD_S
-from serving.app.gate import (ADMISSION_HEADER, BODY_BYTES, BODY_TIMEOUT_S, GATED_HEADER, Gate, admission_header,
-                              gated_route, middlewares, parse_admission)
+from serving.app.gate import (ADMISSION_HEADER, BODY_BYTES, BODY_TIMEOUT_S, GATED_HEADER, AppGate, Gate,
+                              admission_header, gated_route, middlewares, parse_admission)
 from serving.app.http import Ingress, error_response
 
 
@@ -82,18 +82,22 @@ def test_admission_header_round_trip_and_malformed_values():
     value = admission_header("my app;x=1", 64, 1, 60, 0.5, hold_s=0.025)
     assert parse_admission(value) == {"app": "my app;x=1", "max": 64, "min_retry_s": 1, "max_retry_s": 60,
                                       "push_s": 0.5, "hold_s": 0.025, "body_s": BODY_TIMEOUT_S,
-                                      "body_bytes": BODY_BYTES}
-    assert parse_admission(admission_header("a", 1, 1, 2, 1, 0.1, 2.5, 300)) | {"app": "a"} == {
+                                      "body_bytes": BODY_BYTES, "log_level": "INFO", "wait_s": 0.0, "floor": 1}
+    assert parse_admission(admission_header("a", 1, 1, 2, 1, 0.1, 2.5, 300, "WARNING", 0.25, 32)) | {"app": "a"} == {
         "app": "a", "max": 1, "min_retry_s": 1, "max_retry_s": 2, "push_s": 1.0, "hold_s": 0.1, "body_s": 2.5,
-        "body_bytes": 300}
+        "body_bytes": 300, "log_level": "WARNING", "wait_s": 0.25, "floor": 32}
     old = parse_admission("app=a;max=1;retry=1-2;push=1")  # an older ingress's header
-    assert (old["hold_s"], old["body_s"], old["body_bytes"]) == (MAX_HOLD_S, BODY_TIMEOUT_S, BODY_BYTES)
+    assert (old["hold_s"], old["body_s"], old["body_bytes"], old["log_level"]) == (MAX_HOLD_S, BODY_TIMEOUT_S,
+                                                                                   BODY_BYTES, "INFO")
+    assert (old["wait_s"], old["floor"]) == (0.0, 1)  # its fixed limit
     for bad in ["", "app=a", "app=a;max=x;retry=1-2;push=1", "app=a;max=1;retry=3-2;push=1",
                 "app=a;max=-1;retry=1-2;push=1", "app=a;max=1;retry=1-2;push=0", "app=a;max=1;retry=12;push=1",
                 "app=a;max=1;retry=1-2;push=1;hold=-0.1", "app=a;max=1;retry=1-2;push=1;hold=2",
                 "app=a;max=1;retry=1-2;push=1;hold=nan", "app=a;max=1;retry=1-2;push=1;hold=x",
                 "app=a;max=1;retry=1-2;push=1;body=0", "app=a;max=1;retry=1-2;push=1;body=nan",
-                "app=a;max=1;retry=1-2;push=1;bytes=-1", "app=a;max=1;retry=1-2;push=1;bytes=x"]:
+                "app=a;max=1;retry=1-2;push=1;bytes=-1", "app=a;max=1;retry=1-2;push=1;bytes=x",
+                "app=a;max=1;retry=1-2;push=1;wait=-1", "app=a;max=1;retry=1-2;push=1;wait=nan",
+                "app=a;max=1;retry=1-2;push=1;floor=0", "app=a;max=1;retry=1-2;push=1;floor=x"]:
         assert parse_admission(bad) is None, bad
 
 
@@ -260,6 +264,43 @@ def test_the_gate_marks_what_it_passes_on_and_a_client_cannot_forge_the_mark():
         assert [v for k, v in tagged["headers"] if k.lower() == GATED_HEADER.encode()] == [b"1"]
         assert (b"accept", b"*/*") in tagged["headers"]
         assert not [k for k, _ in metrics_scope["headers"] if k.lower() == GATED_HEADER.encode()]  # not an inference route
+
+    asyncio.run(main())
+
+
+def test_the_gate_admits_by_expected_wait_in_requests_as_the_ingress_does_in_rows():
+    """The app's max_queue_wait_s and max_batch_size come with its admission header: with no rate measured the
+    gate lets its limit of requests out; once it has measured 20 answers a second, 10 out (0.5 s of work) and
+    one more, then 429."""
+    async def main():
+        now = [1000.0]
+        app = App(admission_header("polyhead", 64, 1, 60, 1.0, wait_s=0.5, floor=4))
+        gate = Gate(app)
+        gate.gates[""] = AppGate("")
+        adm = gate.gates[""].admission
+        adm.clock = lambda: now[0]
+        app.release.set()
+        assert (await _call(gate))[0] == 200
+        app.release.clear()
+        assert (adm.max_pending_rows, adm.max_wait_s, adm.min_rows) == (64, 0.5, 4)
+        held = [asyncio.create_task(_call(gate)) for _ in range(64)]  # no rate yet: the limit, 64 out
+        await asyncio.sleep(0.01)
+        assert (await _call(gate))[0] == 429 and app.calls == 65
+        app.release.set()
+        await asyncio.gather(*held)
+        app.release.clear()
+        now[0] += 11  # those answers leave the window; then 20 answers a second for 2 s
+        for _ in range(40):
+            adm.admit(1)
+            now[0] += 0.05
+            adm.done(1)
+        assert adm.rows_per_s() == pytest.approx(20)
+        held = [asyncio.create_task(_call(gate)) for _ in range(11)]
+        await asyncio.sleep(0.01)
+        status, headers, _ = await _call(gate)
+        assert (status, app.calls) == (429, 76) and headers["retry-after"] == "1"  # (11 + 1) / 20 per s
+        app.release.set()
+        await asyncio.gather(*held)
 
     asyncio.run(main())
 
@@ -436,5 +477,56 @@ def test_the_gate_hands_the_app_the_body_it_read_whole_and_a_large_one_as_it_str
         gone = await _send_to(gate, _streaming([b'{"mo'], end={"type": "http.disconnect"}))
         assert gone == [] and app.calls == calls  # the client left mid-body: nothing to answer, no app call
         assert gate.gates[""].admission.pending_rows == 0
+
+    asyncio.run(main())
+
+
+class _Lines:
+    """The request log lines (serving/app/logs.py) written while it is in use."""
+
+    def __enter__(self):
+        from serving.app import logs
+
+        self.logs, self.sink, self.lines = logs, logs.sink, []
+        logs.sink = lambda line: self.lines.append(json.loads(line))
+        return self.lines
+
+    def __exit__(self, *exc):
+        self.logs.sink = self.sink
+
+
+def test_the_gates_own_answers_carry_the_request_id_and_are_logged():
+    """Serve's RequestIdMiddleware sits behind the gate: the gate's 429 and 408 echo the client's X-Request-Id
+    (or one of their own) themselves, and log their line as the ingress logs its answers."""
+    async def main():
+        app = Reading(admission_header("polyhead", 1, 1, 60, 1.0, body_s=0.2))
+        gate = await _configured(app)
+        held = asyncio.create_task(_call(gate))
+        await asyncio.sleep(0.01)
+        with _Lines() as lines:
+            given = _scope("/v1/embeddings", client=("10.1.2.3", 4000))
+            given["headers"] = [(b"x-request-id", b"client-id-7")]
+            messages = []
+
+            async def receive():
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            async def send(message):
+                messages.append(message)
+
+            await gate(given, receive, send)
+            status, headers, _ = await _call(gate, "/v1/embeddings")
+            stalled = await _send_to(gate, _streaming_forever())
+        assert messages[0]["status"] == 429 and (b"x-request-id", b"client-id-7") in messages[0]["headers"]
+        assert status == 429 and len(headers["x-request-id"]) == 36  # a UUID of the gate's own
+        assert stalled[0]["status"] == 408
+        (stalled_id,) = [v for k, v in stalled[0]["headers"] if k == b"x-request-id"]
+        assert [(line["request_id"], line["status"], line["code"], line["route"], line["by"]) for line in lines] == [
+            ("client-id-7", 429, "overloaded", "embeddings", "gate"),
+            (headers["x-request-id"], 429, "overloaded", "embeddings", "gate"),
+            (stalled_id.decode(), 408, "body_timeout", "classify", "gate")]
+        assert lines[0]["client"] == "10.1.2.3" and lines[0]["path"] == "/v1/embeddings"
+        app.release.set()
+        await held
 
     asyncio.run(main())

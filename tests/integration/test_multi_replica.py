@@ -4,6 +4,7 @@ series leave /metrics whichever ingress replica recorded them."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -35,7 +36,8 @@ def multi(proxy, adapter_dirs, tmp_path_factory):
         env.setenv("POLYHEAD_STORE", str(store))
         cfg = ServeConfig(max_batch_size=8, batch_wait_timeout_s=0.05, max_ongoing_requests=8,
                           max_queued_requests=256, num_threads=1, num_cpus=0.5, max_slots=4, admin_api_key=ADMIN_KEY,
-                          metrics_push_s=0.1, adapters={m: str(adapter_dirs[m]) for m in MODELS}, store_ttl_s=0.2)
+                          metrics_push_s=0.1, adapters={m: str(adapter_dirs[m]) for m in MODELS}, store_ttl_s=0.2,
+                          max_queue_wait_s=0)  # a fixed admission limit (256 rows): these tests count all they send
     assert cfg.store_root == str(store)  # resolved here, where the app is built: both model replicas get it
     data = cfg.model_dump()
     model = ModelServer.options(num_replicas=2, ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": 0},
@@ -49,6 +51,12 @@ def multi(proxy, adapter_dirs, tmp_path_factory):
         yield proxy + PREFIX
     finally:
         serve.delete(APP)
+
+
+def _per_replica(m, name: str) -> dict[str, float]:
+    out = {dict(labels)["replica"]: v for (n, labels), v in m.items() if n == name}
+    assert all(len(labels) == 1 for (n, labels) in m if n == name), "a per-replica gauge has only replica"
+    return out
 
 
 async def _post_all(base_url, calls):
@@ -76,9 +84,14 @@ def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(mul
             assert sample(m, "polyhead_rows_total", route="classify", adapter=name) == 16
         assert sample(m, "polyhead_queue_seconds_count", route="classify") == 48
         assert sample(m, "polyhead_batch_size_sum") == 48  # every row in exactly one batch, on either replica
-        assert sample(m, "polyhead_max_slots") == 8  # 4 slots in each of the two engines
+        # a model replica's gauges: one series per replica, labelled replica, each what its replica has
+        max_slots = _per_replica(m, "polyhead_max_slots")
+        assert list(max_slots.values()) == [4, 4], max_slots  # max_slots of the config, in each engine
         loads = sample(m, "polyhead_adapter_loads_total")
-        assert 3 <= loads <= 6 and sample(m, "polyhead_registered_adapters") == loads
+        registered = _per_replica(m, "polyhead_registered_adapters")
+        assert set(registered) == set(max_slots) and all(1 <= n <= 3 for n in registered.values()), registered
+        assert 3 <= loads <= 6 and sum(registered.values()) == loads
+        assert set(_per_replica(m, "polyhead_slot_bytes")) == set(max_slots)
         return m
 
     m = wait_for(app_metrics_count_it)
@@ -99,6 +112,15 @@ def test_metrics_count_everything_sent_to_two_model_and_two_ingress_replicas(mul
 
     wait_for(ray_route_counts_it_too, timeout=30)
 
+    def ray_labels_the_gauges_the_same():  # Ray's export of a replica's gauges: the same replica label values
+        r = ray_node_metrics()
+        ray_slots = {dict(k[1])["replica"]: v for k, v in r.items()
+                     if k[0] == "ray_polyhead_max_slots" and dict(k[1]).get("application") == APP}
+        assert ray_slots == _per_replica(m, "polyhead_max_slots"), [k for k in r if "slots" in k[0]]
+        return True
+
+    wait_for(ray_labels_the_gauges_the_same, timeout=60)  # Ray drops a gauge that a late export left 2 s old
+
 
 def test_a_deleted_adapter_leaves_metrics_of_every_ingress_replica(multi, proxy_client, adapter_dirs):
     r = proxy_client.post(PREFIX + "/v1/adapters", headers=KEY, json={"name": "extra", "source": str(adapter_dirs["late"])})
@@ -117,3 +139,78 @@ def test_a_deleted_adapter_leaves_metrics_of_every_ingress_replica(multi, proxy_
     assert not [k for k in after if ("adapter", "extra") in k[1]], [k for k in after if "extra" in str(k)]
     assert sample(after, "polyhead_rows_total", route="classify", adapter="cls-b") == \
            sample(before, "polyhead_rows_total", route="classify", adapter="cls-b") >= 12  # the others stay
+
+
+# issue 24 items 1 and 4: what a registration or a delete leaves on EVERY replica ------------------------------
+
+def _listings_answer(client, times: int = 6) -> list[dict]:
+    """GET /v1/models and /v1/adapters, several times (two ingress and two model replicas answer in turn)."""
+    out = []
+    for _ in range(times):
+        for path, headers in (("/v1/models", {}), ("/v1/adapters", KEY)):
+            r = client.get(PREFIX + path, headers=headers)
+            assert r.status_code == 200, r.text
+            out.append(r.json())
+    return out
+
+
+def test_a_registration_with_800kb_of_labels_is_refused_and_publishes_nothing(multi, proxy_client, adapter_dirs):
+    labels = ["l" * 400_000, "m" * 400_000]  # a 2-label classifier: the count is right, the size is not
+    r = proxy_client.post(PREFIX + "/v1/adapters", headers=KEY,
+                          json={"name": "wide-labels", "source": str(adapter_dirs["cls-b"]), "labels": labels})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "adapter_invalid", r.text[:500]
+    assert "labels[0] has 400000 characters" in r.json()["error"]["message"]
+    for listing in _listings_answer(proxy_client):
+        assert "wide-labels" not in str(listing["data"]) and listing["broken"] == []
+    r = proxy_client.post(PREFIX + "/v1/classify", json={"model": "wide-labels", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def _registered_and_resident(client) -> tuple[dict[str, float], dict[str, float]]:
+    m = scrape(client, PREFIX)
+    return _per_replica(m, "polyhead_registered_adapters"), _per_replica(m, "polyhead_resident_slots")
+
+
+def test_a_delete_through_one_replica_unloads_the_version_from_both_and_frees_its_slots(multi, proxy_client,
+                                                                                       adapter_dirs):
+    def settled():  # every replica reported, and what it reports stays so
+        first = _registered_and_resident(proxy_client)
+        assert len(first[0]) == 2
+        time.sleep(0.5)
+        return first if _registered_and_resident(proxy_client) == first else None
+
+    before, _ = wait_for(settled)
+    r = proxy_client.post(PREFIX + "/v1/adapters", headers=KEY, json={"name": "spread", "source": str(adapter_dirs["late"])})
+    assert r.status_code == 201, r.text
+
+    def both_loaded():  # concurrent rows until each replica has loaded it (8 ongoing rows per replica)
+        calls = [("/v1/classify", {"model": ["spread", "cls-a"], "input": TEXTS[i % 5]}) for i in range(12)]
+        assert [r.status_code for r in asyncio.run(_post_all(multi, calls))] == [200] * 12
+        registered, resident = _registered_and_resident(proxy_client)
+        return (registered, resident) if all(registered[k] == before[k] + 1 for k in before) else None
+
+    during, resident_during = wait_for(both_loaded, timeout=60, every=0.5)
+    assert proxy_client.delete(PREFIX + "/v1/adapters/spread", headers=KEY).status_code == 200
+
+    def both_unloaded():  # the replica the DELETE did not reach converges on the store within a few seconds
+        registered, resident = _registered_and_resident(proxy_client)
+        assert registered == before, (before, during, registered)
+        assert {k: resident_during[k] - resident[k] for k in resident} == {k: 1 for k in resident}, resident
+        return True
+
+    wait_for(both_unloaded, timeout=10, every=0.2)
+    for _ in range(6):
+        r = proxy_client.post(PREFIX + "/v1/classify", json={"model": "spread", "input": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+
+
+def test_a_config_adapter_cannot_be_deleted_and_every_replica_keeps_serving_it(multi, proxy_client):
+    r = proxy_client.delete(PREFIX + "/v1/adapters/cls-a", headers=KEY)
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["type"]) == ("config_adapter", "invalid_request_error")
+    assert "serve config" in error["message"] and "remove it there" in error["message"]
+    calls = [("/v1/classify", {"model": "cls-a", "input": TEXTS[i % 5]}) for i in range(16)]
+    assert [r.status_code for r in asyncio.run(_post_all(multi, calls))] == [200] * 16
+    for listing in _listings_answer(proxy_client):
+        assert "cls-a" in [e.get("name", e.get("id")) for e in listing["data"]]

@@ -40,6 +40,19 @@ def test_the_ingress_encodes_as_the_models_tokenizer_without_truncation_or_paddi
     assert enc.check(probe_encodings(model_tokenizer)) is None and enc.backend == "tokenizers"
 
 
+def test_the_special_tokens_a_truncation_keeps_are_the_tokenizers_template_on_either_backend(tmp_path,
+                                                                                             model_tokenizer):
+    from serving.truncation import Ends
+
+    want = Ends((model_tokenizer.cls_token_id,), (model_tokenizer.sep_token_id,))
+    assert TextEncoder(BASE).ends() == want == Ends((101,), (102,))
+    for f in BASE.iterdir():
+        if f.is_file() and f.name != "tokenizer.json" and f.suffix in (".json", ".txt"):
+            shutil.copy(f, tmp_path / f.name)
+    slow = TextEncoder(tmp_path)
+    assert slow.backend == "transformers" and slow.ends() == want
+
+
 def test_a_difference_from_the_models_probes_switches_the_ingress_to_transformers(model_tokenizer):
     probes = probe_encodings(model_tokenizer)
     probes[3]["ids"][1] += 1  # the model's tokenizer encodes one probe otherwise (e.g. its config adds a token)
