@@ -518,7 +518,8 @@ def _progress_bar(total: int, desc: str, enabled: bool):
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+    # only on a terminal, and gone once done: a log or a pipe gets the result line alone
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False) as bar:
         yield bar
 
 

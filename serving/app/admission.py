@@ -119,7 +119,7 @@ class Admission:
     def of(cls, cfg) -> Admission:
         """An ingress replica's, from its ServeConfig (its front gate gets the same values: Ingress._gate_config)."""
         return cls(cfg.pending_rows_limit(), cfg.retry_after_s, cfg.max_retry_after_s, cfg.max_queue_wait_s,
-                   cfg.max_batch_size)
+                   cfg.admission_floor())
 
     @property
     def refused_clients(self) -> int:

@@ -272,7 +272,7 @@ class Ingress:
         return admission_header(app_name, self.cfg.pending_rows_limit() if limit is None else limit,
                                 self.cfg.retry_after_s, self.cfg.max_retry_after_s, self.cfg.metrics_push_s,
                                 self.cfg.accept_hold_ms / 1000, self.cfg.body_timeout_s, self.cfg.max_body_bytes,
-                                self.cfg.log_level, self.cfg.max_queue_wait_s, self.cfg.max_batch_size)
+                                self.cfg.log_level, self.cfg.max_queue_wait_s, self.cfg.admission_floor())
 
     def _retry(self) -> dict:
         return {"Retry-After": str(self.cfg.retry_after_s)}

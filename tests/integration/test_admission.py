@@ -309,7 +309,8 @@ def test_max_wait_0_is_a_fixed_limit_whatever_the_rate():
 
 def test_the_ingress_admission_comes_from_its_config():
     adm = Admission.of(ServeConfig(num_replicas=2, max_batch_size=32, max_queue_wait_s=0.25, retry_after_s=2))
-    assert (adm.max_pending_rows, adm.max_wait_s, adm.min_rows, adm.min_retry_s) == (256, 0.25, 32, 2)
+    assert (adm.max_pending_rows, adm.max_wait_s, adm.min_rows, adm.min_retry_s) == (256, 0.25, 48, 2)
+    assert Admission.of(ServeConfig(num_replicas=1, max_batch_size=32)).min_rows == 32  # at least one batch
 
 
 def test_the_running_rate_equals_the_rate_recomputed_from_every_call():
