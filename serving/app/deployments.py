@@ -35,6 +35,7 @@ from ..engine import Engine, Request, non_finite_message
 from .config import ServeConfig
 from .convergence import StoreWatch
 from .hub import MetricsPusher
+from .keylocks import KeyLocks
 from .metrics import MODEL_SERIES, Recorder
 from .registrations import Registrations, source_policy
 from .routing import Registry, Resolved, Source, engine_key
@@ -82,7 +83,7 @@ class ModelServer:
         self._described: dict[str, dict] = {}  # static adapters' task and labels, read once (list_adapters)
         self._generations = itertools.count(1)
         self._loaded: dict[str, Resolved] = {}  # engine key -> what it was loaded from
-        self._locks: dict[str, asyncio.Lock] = {}  # per engine key
+        self._locks = KeyLocks()  # per engine key, while held or awaited (a dict of locks grew per version)
         self._inflight: dict[str | None, int] = {}  # admitted rows per engine key, drained before an unload
         self._batches = 0
         self.loads = 0
@@ -248,8 +249,9 @@ class ModelServer:
 
     # adapters -----------------------------------------------------------------------------
 
-    def _lock(self, key: str) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+    def _lock(self, key: str):
+        """`async with self._lock(key)`: loads and unloads of one engine key, one at a time."""
+        return self._locks.hold(key)
 
     async def _ensure_loaded(self, found: Resolved) -> float | None:
         """Load the resolved version if it is not loaded yet; the load time, or None if it was loaded already."""

@@ -1,9 +1,8 @@
 """The HTTP ingress (FastAPI under @serve.ingress): validate, tokenize, fan rows out to ModelServer.
 
-Every error is JSON {"error": {"message", "type", "code"}}; bad input is never a 500.
-Bodies are read and parsed here (not by FastAPI) so that size limits, malformed JSON (400)
-and invalid fields (422) each get their own status. Statuses come from exception types and
-row error codes (ROW_CODES), never from the wording of a message.
+Every error is JSON {"error": {"message", "type", "code"}} (serving/app/errors.py); bad input is never a 500.
+Bodies are read and parsed by polyhead (serving/app/bodies.py), not by FastAPI, so that size limits, malformed
+JSON (400) and invalid fields (422) each get their own status.
 Overload: a request arriving while the rows this replica has at the model need more than max_queue_wait_s
 (serving/app/admission.py), or refused by the model deployment's queue limit (max_queued_requests, Ray's
 BackPressureError), is a 429 with Retry-After;
@@ -13,20 +12,17 @@ a model that is not ready, draining or unavailable is a 503 with Retry-After.
 import asyncio
 import base64
 import hmac
-import json
 import math
 import time
-from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, check_name, parse_ref
@@ -35,78 +31,22 @@ from ..sentence import unit_length
 from . import logs
 from .access import ADMIN_ROUTES, InferenceKeys, is_local_client
 from .admission import Admission, current_client, set_client
+from .bodies import AdapterBody, ClassifyBody, EmbeddingsBody, TagBody, read_json
 from .coalesce import Coalescer
 from .config import ServeConfig
+from .errors import (ROW_CODES, STATUS_TYPES, UNAVAILABLE, ApiError, error_response, exact_path_param,
+                     unpaired_surrogate, validation_summary)
 from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label, polyhead_version
 from .openapi import install as install_docs, unknown_route_message
 from .routing import UnknownModel, resolve_model
-from .tagging import STRATEGIES, pieces, tag_entities
+from .tagging import pieces, tag_entities
 from .tokens import TextEncoder
 from .texts import TooManyChars, encode_texts
-from .truncate import BadTruncation, TooLong, TruncateFields, embedding_limit, fit, keep, truncation
+from .truncate import BadTruncation, TooLong, embedding_limit, fit, keep, truncation
 
-ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
-    "model_not_found": (404, "not_found_error"),
-    "wrong_task": (422, "invalid_request_error"),
-    "adapter_invalid": (422, "invalid_request_error"),
-    "invalid_input": (422, "invalid_request_error"),
-    "too_many_tokens": (413, "invalid_request_error"),
-    "non_finite_output": (422, "invalid_request_error"),  # the adapter's weights overflow on this input
-    "source_not_allowed": (422, "invalid_request_error"),  # POST /v1/adapters: source_schemes / source_hosts
-    "source_timeout": (422, "invalid_request_error"),  # POST /v1/adapters: source_timeout_s
-    "registrations_busy": (429, "rate_limit_error"),  # POST /v1/adapters: max_concurrent_registrations
-}
-UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)  # 503: the model is not there
-STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",  # 401: as OpenAI
-                404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error",
-                413: "invalid_request_error",
-                415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-                503: "overloaded_error"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, headers: dict | None = None, adapter: str = "none"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers, self.adapter = status, message, code, headers, adapter
-
-
-def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": STATUS_TYPES.get(status, "server_error"), "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# request bodies (unknown fields ignored, no silent coercion) ------------------------------
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-class ClassifyBody(_Body, TruncateFields):  # truncate, truncation_direction, truncate_prompt_tokens
-    model: str | list[str]
-    input: str | list[str]
-    threshold: float = Field(0.5, ge=0, le=1)  # multi-label heads
-
-
-class TagBody(_Body, TruncateFields):
-    model: str | list[str]
-    input: str | list[str]
-    aggregation_strategy: Literal[STRATEGIES] = "simple"  # as transformers' token-classification pipeline
-
-
-class EmbeddingsBody(_Body, TruncateFields):
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    normalize: bool | None = None  # unit-length vectors; None: as the base's sentence-transformers config says
-
-
-class AdapterBody(_Body):
-    name: str
-    source: str
-    labels: list[str] | None = None
+__all__ = ["ROW_CODES", "STATUS_TYPES", "ApiError", "Ingress", "app", "error_response", "unpaired_surrogate"]
 
 
 # no redirect of /v1/classify/ to /v1/classify (an empty 307): a JSON 404 that names the route without the slash
@@ -141,38 +81,12 @@ def _this_ingress():
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
-    return error_response(422, _summary(exc.errors()), "invalid_field")
+    return error_response(422, validation_summary(exc.errors()), "invalid_field")
 
 
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception):
     return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
-
-
-def unpaired_surrogate(data) -> str | None:
-    """Where a JSON value holds a string with an unpaired UTF-16 surrogate (JSON's \\ud800 escapes parse to one,
-    and no tokenizer or UTF-8 response can take it), e.g. "input[2] has \\ud800 at character 5"; else None."""
-    stack = [("body", data)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():  # keys too: messages may echo them
-                field = f"{path}.{key[:40].encode('utf-8', 'backslashreplace').decode('ascii', 'backslashreplace')}"
-                stack.extend(((field, key), (field, item)))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                return (f"{path.removeprefix('body.')} has an unpaired surrogate \\u{ord(value[exc.start]):04x} "
-                        f"at character {exc.start}")
-    return None
-
-
-def _summary(errors) -> str:
-    parts = [f"{'.'.join(map(str, e.get('loc', ()))) or 'body'}: {e.get('msg', '')}" for e in errors[:3]]
-    return "; ".join(parts)[:500]
 
 
 def _as_list(value) -> list:
@@ -192,15 +106,6 @@ def _sigmoid(x: list[float]) -> list[float]:
 
 async def _result(response):
     return await response
-
-
-def _exact_path_param(request: Request, value: str) -> None:
-    """404 unless the request's path really ends with the `{...:path}` parameter Starlette gave: it matches a
-    route with `^...$`, whose `$` also matches before a final newline, so `DELETE /v1/adapters/name%0a` reached
-    the route as `name` (and deleted it)."""
-    if not request.scope.get("path", "").endswith(value):
-        raise ApiError(404, "unknown model: the name in the path holds a character no name has",
-                       "model_not_found", adapter="unknown")
 
 
 def _cancel(response) -> None:
@@ -315,43 +220,13 @@ class Ingress:
             self.metrics.adapter_latency.labels(route, adapter).observe(elapsed)
         return response
 
-    async def _json(self, request: Request) -> dict:
-        encoding = request.headers.get("content-encoding", "").strip().lower()
-        if encoding not in ("", "identity"):  # read as it is, a compressed body would be "malformed JSON"
-            raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the JSON body "
-                           "uncompressed", "unsupported_encoding")
-        limit = self.cfg.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", "body_too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body is over the limit of {limit} bytes", "body_too_large")
-        try:  # UTF-8 only (RFC 8259; json.loads would guess UTF-16/32 from bytes), a leading BOM ignored
-            text = bytes(body).decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise ApiError(400, f"malformed JSON: the body is not UTF-8 ({str(exc)[:150]})", "invalid_json") from None
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, f"malformed JSON: {str(exc)[:200]}", "invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(422, f"the body must be a JSON object, got {type(data).__name__}", "invalid_field")
-        if "\\u" in text:  # a \ud800 escape: the only way left for a surrogate to get into a parsed string
-            where = unpaired_surrogate(data)
-            if where:
-                raise ApiError(400, f"malformed JSON: {where}: not Unicode text", "invalid_unicode")
-        return data
-
     @staticmethod
     def _parse(body_type, data: dict):
         logs.note(model=logs.cut(data.get("model")))  # as the client sent it, before any check
         try:
             return body_type.model_validate(data)
         except ValidationError as exc:
-            raise ApiError(422, _summary(exc.errors(include_input=False)), "invalid_field") from None
+            raise ApiError(422, validation_summary(exc.errors(include_input=False)), "invalid_field") from None
 
     def _overloaded(self) -> ApiError:
         return ApiError(429, OVERLOADED, "overloaded",
@@ -586,7 +461,7 @@ class Ingress:
     @app.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request):
         async def handler(request: Request):  # OpenAI's "retrieve model": one entry of the list, or 404
-            _exact_path_param(request, model)
+            exact_path_param(request, model)
             try:
                 ref = resolve_model(model, self.base_name)
             except UnknownModel as exc:
@@ -605,7 +480,7 @@ class Ingress:
         return await self._serve("classify", request, self._classify, rows=True)
 
     async def _classify(self, request: Request):
-        body = self._parse(ClassifyBody, await self._json(request))
+        body = self._parse(ClassifyBody, await read_json(request, self.cfg.max_body_bytes))
         texts = _as_list(body.input)
         pairs = self._checked_models(_as_list(body.model))
         self._check_counts(len(texts), len(pairs))
@@ -640,7 +515,7 @@ class Ingress:
         return await self._serve("tag", request, self._tag, rows=True)
 
     async def _tag(self, request: Request):
-        body = self._parse(TagBody, await self._json(request))
+        body = self._parse(TagBody, await read_json(request, self.cfg.max_body_bytes))
         texts = _as_list(body.input)
         pairs = self._checked_models(_as_list(body.model))
         self._check_counts(len(texts), len(pairs))
@@ -672,7 +547,7 @@ class Ingress:
         return await self._serve("embeddings", request, self._embeddings, rows=True)
 
     async def _embeddings(self, request: Request):
-        body = self._parse(EmbeddingsBody, await self._json(request))
+        body = self._parse(EmbeddingsBody, await read_json(request, self.cfg.max_body_bytes))
         inputs = body.input
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text or one list of token ids
@@ -760,7 +635,7 @@ class Ingress:
 
     async def _add_adapter(self, request: Request):
         self._check_admin(request)
-        body = self._parse(AdapterBody, await self._json(request))
+        body = self._parse(AdapterBody, await read_json(request, self.cfg.max_body_bytes))
         logs.note(action="adapter.add", adapter=body.name[:logs.MAX_CHARS], source=logs.safe_source(body.source))
         try:
             check_name(body.name)
@@ -783,7 +658,7 @@ class Ingress:
         async def handler(request: Request):
             self._check_admin(request)
             logs.note(action="adapter.remove", adapter=name[:logs.MAX_CHARS])
-            _exact_path_param(request, name)
+            exact_path_param(request, name)
             try:
                 parse_ref(name)  # `name` (every version) or `name@N`
             except AdapterError:

@@ -215,15 +215,15 @@ def undocumented(app: FastAPI) -> list[tuple[str, str]]:
 
 def build_schema(app: FastAPI) -> dict:
     """The OpenAPI document of `app`'s routes, completed from OPERATIONS (the module docstring)."""
-    from . import http  # the body models; http imports this module first
+    from . import bodies  # the body models http.py validates with
 
     spec = get_openapi(title="polyhead", version=polyhead_version(), routes=app.routes,
                        description="One frozen base model, many adapters, one batched forward. Every error "
                                    "answers the JSON body ErrorBody.")
-    bodies = sorted({op.body for op in OPERATIONS.values() if op.body})
+    body_names = sorted({op.body for op in OPERATIONS.values() if op.body})
     answers = sorted({op.answer for op in OPERATIONS.values() if not isinstance(op.answer, str)},
                      key=lambda m: m.__name__)
-    keyed = [(getattr(http, name), "validation") for name in bodies]
+    keyed = [(getattr(bodies, name), "validation") for name in body_names]
     keyed += [(model, "serialization") for model in (*answers, ErrorBody)]
     refs, defs = models_json_schema(keyed, ref_template=REF)
     schemas = dict(defs.get("$defs", {}))
@@ -234,7 +234,7 @@ def build_schema(app: FastAPI) -> dict:
                 continue
             if op.body:
                 operation["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": refs[(getattr(http, op.body), "validation")]}}}
+                    "schema": refs[(getattr(bodies, op.body), "validation")]}}}
             answer = ({"text/plain": {"schema": {"type": "string"}}} if isinstance(op.answer, str) else
                       {"application/json": {"schema": refs[(op.answer, "serialization")]}})
             error = {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
