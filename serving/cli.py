@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return adapters_command(args)
     if args.command == "serve":
-        from .app import ConfigError, run
+        from .app import ConfigError, RayStartError, run
 
         try:
             run(args.config)
-        except ConfigError as exc:  # one line (or one per invalid field), as `polyhead adapters` errors
+        except (ConfigError, RayStartError) as exc:  # one line (or one per invalid field), as `adapters` errors
             print(f"polyhead serve: error: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -81,3 +81,39 @@ def test_reap_ends_an_orphan_that_ignores_sigterm():
         if middle.poll() is None:
             middle.kill()
             middle.wait()
+
+
+def test_polyhead_serve_starts_ray_again_after_its_node_start_up_timeout(monkeypatch):
+    """Ray's driver gives its raylet a fixed 30 s to register; on a busy machine `polyhead serve` died with a
+    traceback. It now tries again, and after the last try says so in one line (RayStartError)."""
+    import pytest
+
+    import serving.app as app
+
+    calls = []
+
+    def flaky(num_cpus, **kwargs):
+        calls.append(num_cpus)
+        if len(calls) < 3:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(app, "start_local_ray", flaky)
+    app._start_ray(2)
+    assert calls == [2, 2, 2]
+
+    def never(num_cpus, **kwargs):
+        calls.append(num_cpus)
+        raise Exception("The current node timed out during startup.")
+
+    calls.clear()
+    monkeypatch.setattr(app, "start_local_ray", never)
+    with pytest.raises(app.RayStartError, match="timed out 3 times"):
+        app._start_ray(2)
+    assert len(calls) == 3
+
+    def other(num_cpus, **kwargs):
+        raise ValueError("not a start-up timeout")
+
+    monkeypatch.setattr(app, "start_local_ray", other)
+    with pytest.raises(ValueError):
+        app._start_ray(2)

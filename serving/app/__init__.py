@@ -12,7 +12,7 @@ from .config import ConfigError, ServeConfig, load_config
 from . import stopping
 from .gate import CALLBACK as GATE_CALLBACK
 
-__all__ = ["ConfigError", "ServeConfig", "build_app", "direct_ingress_url", "load_config", "run", "start_local_ray"]
+__all__ = ["ConfigError", "RayStartError", "ServeConfig", "build_app", "direct_ingress_url", "load_config", "run", "start_local_ray"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -256,8 +256,8 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
     parent, served = stopping.ParentMake(), False  # `make serve`: make's own SIGINT stops the server too
     try:
         ports = range(cfg.port, cfg.port + 1) if cfg.direct_ingress else None  # the one ingress replica
-        start_local_ray(num_cpus, direct_ingress_ports=ports, job_log_level=cfg.log_level,
-                        forwarded_allow_ips=cfg.forwarded_allow_ips)
+        _start_ray(num_cpus, direct_ingress_ports=ports, job_log_level=cfg.log_level,
+                   forwarded_allow_ips=cfg.forwarded_allow_ips)
         stopping.install_handlers()  # again: Ray's driver replaced SIGTERM's with its own (a stack dump, abort)
         from ray import serve
 
@@ -280,6 +280,29 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
         pass
     finally:
         _stop(cfg, served, stopping.Deferred())
+
+
+class RayStartError(RuntimeError):
+    """Ray did not start (`polyhead serve` says so in one line)."""
+
+
+def _start_ray(num_cpus: int, attempts: int = 3, **kwargs) -> None:
+    """start_local_ray, again after Ray's node start-up timeout: Ray's driver gives its raylet 30 s to register
+    (a constant in ray/_private/node.py), which a machine busy with other work can miss."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return start_local_ray(num_cpus, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for it
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            if attempt == attempts:
+                raise RayStartError(f"Ray did not start: its node timed out {attempts} times (is the machine "
+                                    "overloaded?)") from None
+            print(f"polyhead: Ray's node timed out during start-up (attempt {attempt} of {attempts}); starting "
+                  "it again", flush=True)
 
 
 def _stop(cfg: ServeConfig, served: bool, signals: stopping.Deferred) -> None:

@@ -34,6 +34,7 @@ from adapters_store.sources import SourceRefused, SourceTimeout
 from ..engine import Engine, Request, non_finite_message
 from .config import ServeConfig
 from .convergence import StoreWatch
+from .heaptrim import HeapTrim
 from .hub import MetricsPusher
 from .keylocks import KeyLocks
 from .metrics import MODEL_SERIES, Recorder
@@ -102,6 +103,9 @@ class ModelServer:
         # versions removed through another replica or the CLI leave this engine too (serving/app/convergence.py)
         self.watch = StoreWatch(store, cfg.store_ttl_s, self.converge, self.registrations.lookup)
         self.watch.ensure_started()
+        # freed heap memory back to the OS now and then, on the engine thread (serving/app/heaptrim.py)
+        self.heap_trim = HeapTrim(self._on_engine)
+        self.heap_trim.ensure_started()
 
     @staticmethod
     def _build_engine(cfg: ServeConfig) -> Engine:
@@ -130,6 +134,7 @@ class ModelServer:
         if self.pusher is not None:
             self.pusher.ensure_started()
         self.watch.ensure_started()
+        self.heap_trim.ensure_started()
         ref, need = row.get("adapter"), row.get("need", "embedding")
         load_s, key, loaded, resolved = None, None, None, None
         if ref is not None:
@@ -437,6 +442,7 @@ class ModelServer:
         if self.pusher is not None:
             self.pusher.ensure_started()
         self.watch.ensure_started()
+        self.heap_trim.ensure_started()
         eng = self.engine
         return {"model_name": self.cfg.resolved_model_name(), "max_tokens": eng.max_tokens,
                 "hidden_size": eng.schema.hidden_size, "vocab_size": eng.schema.vocab_size, "causal": eng.causal,

@@ -121,6 +121,8 @@ def _cancel(response) -> None:
 @serve.ingress(app)
 class Ingress:
     keys = InferenceKeys(None)  # none needed; __init__ sets the config's
+    stopping = False  # `polyhead serve` stops (stop_accepting): requests answer 503 draining
+    in_flight = 0  # requests in _serve's handlers now
 
     def __init__(self, model, config: dict):
         self.cfg = ServeConfig(**config)
@@ -133,8 +135,6 @@ class Ingress:
         self._encoder_check: asyncio.Future | None = None  # the encoder's check, off the event loop, once
         self.shutting_down = False  # Serve stops this replica (__del__)
         self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
-        self.stopping = False  # `polyhead serve` stops (stop_accepting): requests answer 503 draining
-        self.in_flight = 0  # requests in _serve's handlers now
         self.metrics = Recorder(INGRESS_SERIES)
         self.metrics.build_info.labels(polyhead_version()).set(1)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)

@@ -220,6 +220,7 @@ class MetricsPusher:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
+                self.recorder.refresh_gauges()
                 await self.push()
             except Exception as exc:  # noqa: BLE001 - metrics never take a replica down
                 if time.monotonic() - warned >= WARN_EVERY_S:

@@ -116,10 +116,11 @@ def _ray_metric(series: Series):
 class _Child:
     """One label combination of a series, in both places."""
 
-    __slots__ = ("prom", "ray", "tags")
+    __slots__ = ("prom", "ray", "tags", "last")
 
     def __init__(self, prom, ray_metric, tags: dict[str, str]):
         self.prom, self.ray, self.tags = prom, ray_metric, tags
+        self.last: float | None = None  # a gauge's value, written to Ray again by refresh()
 
     def inc(self, amount: float = 1.0) -> None:
         if amount <= 0:  # ray.util.metrics refuses 0; a counter never goes down
@@ -135,8 +136,15 @@ class _Child:
 
     def set(self, value: float) -> None:
         self.prom.set(value)
+        self.last = value
         if self.ray is not None:
             self.ray.set(value, tags=self.tags)
+
+    def refresh(self) -> None:
+        """Write a gauge's value to Ray's export again: Ray's per-node export dropped a replica's gauges (slots,
+        registered adapters) that no batch or load had set for a while, so an idle replica vanished from it."""
+        if self.ray is not None and self.last is not None:
+            self.ray.set(self.last, tags=self.tags)
 
 
 class Instrument:
@@ -194,6 +202,13 @@ class Recorder:
         self.instruments = {attr: Instrument(s, self.registry, ray_export) for attr, s in series.items()}
         for attr, instrument in self.instruments.items():
             setattr(self, attr, instrument)
+
+    def refresh_gauges(self) -> None:
+        """Every gauge's value written to Ray's export again (MetricsPusher does it each interval)."""
+        for instrument in self.instruments.values():
+            if instrument.series.kind == "gauge":
+                for child in instrument._children.values():
+                    child.refresh()
 
     def forget_adapter(self, name: str) -> int:
         """Stop reporting the series labelled with adapter `name` (it was deleted); how many were dropped."""

@@ -639,6 +639,6 @@ def test_the_admission_header_carries_the_apps_gate_settings(monkeypatch):
     assert parse_admission(ingress._gate_config()) == {"app": "my app", "max": 7, "min_retry_s": 2,
                                                        "max_retry_s": 30, "push_s": ingress.cfg.metrics_push_s,
                                                        "hold_s": 0.025, "body_s": 12.5, "body_bytes": 5000,
-                                                       "log_level": "INFO"}
+                                                       "log_level": "INFO", "wait_s": 0.5, "floor": 32}
     ingress.cfg = ServeConfig(accept_hold_ms=0)
     assert parse_admission(ingress._gate_config())["hold_s"] == 0

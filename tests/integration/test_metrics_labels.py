@@ -57,3 +57,28 @@ def test_each_adapter_an_answered_request_named_gets_its_latency(client):
     assert 0 < slowest <= delta("polyhead_request_seconds_sum", route="classify")
     # the buckets add up to the count (a real histogram)
     assert delta("polyhead_adapter_request_seconds_bucket", route="classify", adapter="cls-b", le="+Inf") == 1
+
+
+def test_gauges_are_written_to_rays_export_again_each_push_interval():
+    """Ray's per-node export keeps a gauge's value only for a TTL after it was set: an idle model replica's
+    slot gauges (set by batches and loads) vanished from it. MetricsPusher refreshes them every interval."""
+    from serving.app.metrics import MODEL_SERIES, Recorder
+
+    class RayGauge:
+        def __init__(self):
+            self.sets = []
+
+        def set(self, value, tags):
+            self.sets.append((value, tags))
+
+        def inc(self, value, tags):
+            raise AssertionError("a counter is never written again")
+
+    rec = Recorder(MODEL_SERIES, ray_export=False)
+    gauge, counter = rec.max_slots.labels(), rec.slot_loads.labels()
+    counter.inc(2)
+    gauge.ray, counter.ray = RayGauge(), RayGauge()
+    gauge.set(4)
+    rec.refresh_gauges()
+    rec.refresh_gauges()
+    assert gauge.ray.sets == [(4, {})] * 3

@@ -36,7 +36,8 @@ def _config(tmp_path: Path, port: int) -> Path:
     drain timeout long enough for a loaded machine."""
     path = _serve_config(tmp_path, port)
     raw = yaml.safe_load(path.read_text())
-    raw["applications"][0]["args"].update(num_replicas=1, max_pending_rows=256, drain_timeout_s=120)
+    raw["applications"][0]["args"].update(num_replicas=1, max_pending_rows=256, max_queue_wait_s=0,  # a fixed limit
+                                          drain_timeout_s=120)
     path.write_text(yaml.safe_dump(raw))
     return path
 
