@@ -399,7 +399,8 @@ def write_report(report: dict, series: dict, out: Path) -> None:
             f"{st['minutes']:g} minutes, {st['clients']} clients (think {st['think_s']:g} s), churn every "
             f"{st['churn_s']:g} s (at most {st['live']} churned adapters live), RSS sampled every "
             f"{st['sample_s']:g} s. Server: `python -m serving.cli serve --config` deploy/serve_config.yaml on a "
-            f"free port with a temporary store; stopped with SIGTERM: {report['stop']}.\n\n")
+            f"free port with a temporary store; stopped with SIGTERM: {report['stop']}.\n\n"
+            + (f"{report['note']}\n\n" if report.get("note") else ""))
     (out / "soak.md").write_text(head + "```\n" + tables(report) + "\n```\n")
     try:
         import matplotlib
@@ -408,11 +409,12 @@ def write_report(report: dict, series: dict, out: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(11, 6))
-    for p in report["summary"]["processes"]:
+    shown = [p for p in report["summary"]["processes"] if max(series[str(p["pid"])]["rss_mib"]) >= 40]
+    colors = plt.cm.tab20.colors
+    for i, p in enumerate(sorted(shown, key=lambda p: -p["rss_end_mib"])):
         s = series[str(p["pid"])]
-        if max(s["rss_mib"]) < 40:
-            continue
-        ax.plot(s["t_min"], s["rss_mib"], label=f"{p['name']} ({fmt(p['slope_mib_per_min'], 1)} MiB/min)")
+        ax.plot(s["t_min"], s["rss_mib"], color=colors[i % len(colors)], linestyle=("-", "--")[i // len(colors) % 2],
+                label=f"{p['name']} ({fmt(p['slope_mib_per_min'], 2)} MiB/min)")
     ax.axvline(st["warmup_min"], color="grey", linestyle=":", label="end of warm-up")
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MiB)")
@@ -497,7 +499,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", help="KEY=VALUE: a ServeConfig field of the server (YAML value)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--keep-log", type=Path, default=None, help="copy the server's output here at the end")
+    ap.add_argument("--note", default=None, help="a sentence for soak.md and soak.json (what else happened)")
+    ap.add_argument("--from-json", type=Path, default=None, help="only write soak.md and soak.png again from this "
+                    "soak.json (no run)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        series = report.pop("series")
+        if args.note:
+            report["note"] = args.note
+        print(tables(report))
+        write_report(report, series, args.out)
+        return
 
     import httpx
     import torch
@@ -591,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
                   "server": {"ready_s": ready_s, "config": {k: v for k, v in cfg.model_dump().items()
                                                            if k in ("num_replicas", "max_slots", "dtype",
                                                                     "store_ttl_s", "metrics_push_s", "log_level")}},
-                  "stop": how, "target_mib_per_min": TARGET_MIB_PER_MIN}
+                  "stop": how, "target_mib_per_min": TARGET_MIB_PER_MIN, "note": args.note}
         report["summary"] = summarize(sampler, soak, args, order)
         text = tables(report)
         print("\n" + text, flush=True)

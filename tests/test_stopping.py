@@ -63,12 +63,13 @@ def test_reap_ends_an_orphan_that_ignores_sigterm():
     middle = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 30
-        while len(procs := stopping.descendants()) < 2:  # the middle one and its child (also pytest's others)
-            assert time.monotonic() < deadline
+        while True:  # the middle one and its child, once the child runs (pytest may have other children)
+            procs = {pid: started for pid, started in stopping.descendants().items() if pid == middle.pid or
+                     pid in stopping.descendants(middle.pid)}
+            if len(procs) == 2:
+                break
+            assert time.monotonic() < deadline, procs
             time.sleep(0.05)
-        procs = {pid: started for pid, started in procs.items() if pid == middle.pid or
-                 pid in stopping.descendants(middle.pid)}
-        assert len(procs) == 2, procs
         middle.kill()
         middle.wait()  # the grandchild is an orphan now, ignoring SIGTERM
         left = stopping.reap(procs, grace_s=0.5)

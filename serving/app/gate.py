@@ -202,8 +202,8 @@ class Gate:
             return await self.app(scope, receive, send)
         prefix, route = gated
         gate = self.gates.get(prefix)
-        if gate is None:
-            gate = self.gates[prefix] = AppGate(prefix)
+        if gate is None:  # kept once its app answers with its settings (below): the path prefixes no app answers,
+            gate = AppGate(prefix)  # any number a client makes up (POST /<anything>/v1/classify), leave nothing
         adm = gate.admission
         if gate.config is None or gate.config["max"]:  # gating (or not known yet): the body first
             arrived = await _read_body(receive, gate.config)
@@ -241,9 +241,10 @@ class Gate:
                 if values:
                     if values[-1] != gate.raw:  # the same app config answer after answer: parsed once
                         config = parse_admission(values[-1].decode("latin-1"))
-                        if config is not None:
-                            gate.configure(config)
-                            gate.raw = values[-1]
+                        kept = self.gates.setdefault(prefix, gate) if config is not None else None  # the first
+                        if kept is not None and values[-1] != kept.raw:  # of concurrent first requests' gates
+                            kept.configure(config)
+                            kept.raw = values[-1]
                     message = {**message, "headers": [(k, v) for k, v in headers if k.lower() != _ADMISSION]}
             await send(message)
 

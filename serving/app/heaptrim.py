@@ -1,15 +1,17 @@
-"""HeapTrim: a model replica gives the heap memory it freed back to the OS, every TRIM_INTERVAL_S.
+"""HeapTrim: a replica (model and ingress) gives the heap memory it freed back to the OS, every TRIM_INTERVAL_S.
 
 glibc's malloc keeps freed memory in its heaps (an arena per thread that allocates) and returns only
 what lies at a heap's top, so a process whose allocations change size (batches of every shape,
 adapters of every rank loaded, validated on registration threads and unloaded) keeps growing in RSS
-while its live memory stays flat. In issue 24's soak the model replicas grew 3-60 MiB/min; the same
+while its live memory stays flat. In issue 24's 6-minute soak the model replicas grew 3.5-62 MiB/min
+(benchmarks/soak.py, 30 minutes: 0.9-1.5 MiB/min after the first 5, in steps of a few MiB); the same
 work in one process (engine loads, unloads and batches of varied shapes, validation on two other
 threads) grew 208 MiB in 800 registrations, of which `malloc_trim(0)` gave back 124 MiB: free memory,
 not a leak (the engine held the same adapters throughout). malloc_trim also releases the free pages
 inside a heap (glibc >= 2.8), which the heap's own trimming never does.
 
-The trim runs where the replica's torch work runs (its engine thread), between batches; its time grows
+The ingress's malloc held 83 MB free of 145 MB after 24 minutes of that soak. In a model replica the
+trim runs where its torch work runs (its engine thread), between batches; its time grows
 with what it gives back (30-100 ms for 73 MiB on the 2-core development machine; every TRIM_INTERVAL_S
 little has accumulated). A no-op where the C library has no malloc_trim (musl, macOS).
 """

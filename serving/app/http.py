@@ -37,6 +37,7 @@ from .config import ServeConfig
 from .errors import (ROW_CODES, STATUS_TYPES, UNAVAILABLE, ApiError, error_response, exact_path_param,
                      unpaired_surrogate, validation_summary)
 from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
+from .heaptrim import HeapTrim
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label, polyhead_version
 from .openapi import install as install_docs, unknown_route_message
@@ -123,6 +124,7 @@ class Ingress:
     keys = InferenceKeys(None)  # none needed; __init__ sets the config's
     stopping = False  # `polyhead serve` stops (stop_accepting): requests answer 503 draining
     in_flight = 0  # requests in _serve's handlers now
+    heap_trim = None  # freed heap memory back to the OS now and then (serving/app/heaptrim.py)
 
     def __init__(self, model, config: dict):
         self.cfg = ServeConfig(**config)
@@ -138,6 +140,8 @@ class Ingress:
         self.metrics = Recorder(INGRESS_SERIES)
         self.metrics.build_info.labels(polyhead_version()).set(1)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
+        self.heap_trim = HeapTrim(asyncio.to_thread)
+        self.heap_trim.ensure_started()
         self.admission = Admission.of(self.cfg)
         self.gate_config = self._gate_config()
         calls, window_s = self.cfg.max_model_calls, self.cfg.coalesce_window_ms / 1000
@@ -187,6 +191,8 @@ class Ingress:
         admission limit is reached (a refusal then costs little of the CPU the model needs)."""
         if self.pusher is not None:
             self.pusher.ensure_started()
+        if self.heap_trim is not None:
+            self.heap_trim.ensure_started()
         start = time.perf_counter()
         set_client(request.scope)  # for a refusal anywhere in this request's task (_overloaded)
         record, code = logs.start(request), None  # its log line (serving/app/logs.py)

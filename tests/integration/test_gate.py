@@ -530,3 +530,22 @@ def test_the_gates_own_answers_carry_the_request_id_and_are_logged():
         await held
 
     asyncio.run(main())
+
+
+def test_path_prefixes_no_app_answers_leave_no_gate_behind():
+    """POST /<anything>/v1/classify reaches the gate with a prefix of the client's making; only a prefix whose app
+    answered with its settings keeps a gate (issue 24's soak: no state per made-up path)."""
+    async def main():
+        app = App(None, status=404)  # polyhead's 404 for an unknown path carries no admission header
+        app.release.set()
+        gate = Gate(app)
+        for i in range(200):
+            assert (await _call(gate, f"/made-up-{i}/v1/classify"))[0] == 404
+        assert gate.gates == {}
+        app.header, app.status = admission_header("polyhead", 2, 1, 60, 1.0), 200
+        assert (await _call(gate, "/v1/classify"))[0] == 200
+        assert list(gate.gates) == [""]
+        assert gate.gates[""].admission.max_pending_rows == 2  # the kept gate has the app's settings
+        assert gate.gates[""].admission.pending_rows == 0
+
+    asyncio.run(main())
