@@ -18,7 +18,16 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# headless Chromium for tests/integration/test_openapi.py (it renders /docs): Debian's package, when missing
+BROWSER := .venv/.browser
+$(BROWSER): $(PY)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+	touch $(BROWSER)
+
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # `make serve CONFIG=my.yaml` serves another config (the environment does not set it); SIGTERM or SIGINT drains and stops
