@@ -8,6 +8,8 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.experiments.spec import ExperimentBody  # noqa: F401 - PUT /v1/experiments/{name} (openapi.py)
+
 from .errors import ApiError, unpaired_surrogate
 from .tagging import STRATEGIES
 from .truncate import TruncateFields
@@ -20,12 +22,14 @@ class _Body(BaseModel):
 class ClassifyBody(_Body, TruncateFields):  # truncate, truncation_direction, truncate_prompt_tokens
     model: str | list[str]
     input: str | list[str]
+    user: str | None = None  # OpenAI's end-user id: an experiment's unit key (else the X-Polyhead-User header)
     threshold: float = Field(0.5, ge=0, le=1)  # multi-label heads
 
 
 class TagBody(_Body, TruncateFields):
     model: str | list[str]
     input: str | list[str]
+    user: str | None = None
     aggregation_strategy: Literal[STRATEGIES] = "simple"  # as transformers' token-classification pipeline
 
 
@@ -35,6 +39,12 @@ class EmbeddingsBody(_Body, TruncateFields):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     normalize: bool | None = None  # unit-length vectors; None: as the base's sentence-transformers config says
+    user: str | None = None
+
+
+class FeedbackBody(_Body):
+    id: str  # the `id` of an answer an experiment served
+    value: bool | float  # an outcome: a 0/1 conversion (or true/false), or a number
 
 
 class AdapterBody(_Body):

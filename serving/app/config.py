@@ -163,6 +163,19 @@ class ServeConfig(BaseModel):
     # its scripts served by the app itself: no CDN); false: both answer 404 like any unknown route
     openapi: bool = True
 
+    # A/B experiments (serving/experiments/): name -> definition (spec.ExperimentBody: arms, shadow, salt,
+    # guardrails), published to the store at start unless its current version descends from the same definition
+    # (live changes survive a restart; an edited definition replaces them). Changed live with /v1/experiments.
+    experiments: dict[str, dict] = Field(default_factory=dict)
+    experiments_poll_s: float = Field(0.25, gt=0, le=60)  # each ingress replica reads the experiments' change mark
+    experiment_push_s: float = Field(0.5, gt=0, le=60)  # each ingress replica sends its experiment counts this often
+    # shadow rows are added only while this ingress replica has fewer rows than this at the model (else dropped,
+    # counted); None: max_batch_size
+    shadow_max_pending_rows: int | None = Field(None, ge=0)
+    feedback_ttl_s: float = Field(86_400.0, gt=0)  # POST /v1/feedback takes ids at most this old, each once
+    max_feedback_ids: int = Field(1_000_000, ge=1)  # ids the ledger remembers (older ones are then refused)
+    max_experiment_units: int = Field(1_000_000, ge=1)  # distinct units counted per arm (beyond: SRM not judged)
+
     @field_validator("admin_api_key")
     @classmethod
     def _key_from_env(cls, value):
@@ -232,8 +245,26 @@ class ServeConfig(BaseModel):
                 raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("experiments")
+    @classmethod
+    def _valid_experiments(cls, value):
+        from serving.experiments.spec import ExperimentBody, SpecError, check_body
+
+        for name, data in value.items():
+            try:
+                body = ExperimentBody.model_validate(data)
+                check_body(name, body, set(value) - {name})
+            except (ValueError, SpecError) as exc:
+                raise ValueError(f"experiment {name!r}: {exc}") from None
+            if body.if_version is not None:
+                raise ValueError(f"experiment {name!r}: if_version is for PUT /v1/experiments only")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self):
+        taken = set(self.experiments) & set(self.adapters)
+        if taken:
+            raise ValueError(f"experiments and adapters share names: {sorted(taken)}")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or one-row requests never fill a batch")

@@ -47,8 +47,27 @@ log = logging.getLogger("polyhead")
 NEED_TASKS = {"seq": ("seq_cls", "multilabel"), "token": ("token_cls",), "embedding": None}
 
 
+SHADOW_SPINS = 8  # event-loop turns infer_rows waits for shadow rows after the others are done (no clock time)
+
+
 def row_error(code: str, message: str) -> dict:
     return {"error": message, "code": code}
+
+
+def _drop_result(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: never "exception was never retrieved"
+
+
+def _shadow_result(task: asyncio.Future) -> dict:
+    """A shadow row's answer: its result, its failure as a row error, or shadow_late (left to finish)."""
+    if not task.done():
+        task.add_done_callback(_drop_result)
+        return row_error("shadow_late", "the shadow row was not done when its primary rows were")
+    if task.cancelled() or task.exception() is not None:
+        exc = None if task.cancelled() else task.exception()
+        return row_error("shadow_failed", f"{type(exc).__name__}: {exc}" if exc else "cancelled")
+    return task.result()
 
 
 @dataclass(frozen=True)
@@ -127,8 +146,27 @@ class ModelServer:
 
     async def infer_rows(self, rows: list[dict]) -> list[dict]:
         """One request's rows (one call from the ingress), each admitted and answered as `infer` does; they
-        arrive together, so they join the same batch."""
-        return list(await asyncio.gather(*(self.infer(row) for row in rows)))
+        arrive together, so they join the same batch.
+
+        Shadow rows (an experiment's, {"shadow": true}) ride along best-effort: the call answers as soon as the other
+        rows are done; a shadow row not done by then (its adapter still loading, or cut into a later batch) answers
+        {"code": "shadow_late"} and finishes in the background, its result dropped. A shadow row never raises."""
+        tasks = [asyncio.ensure_future(self.infer(row)) for row in rows]
+        primaries = [t for t, row in zip(tasks, rows) if not row.get("shadow")]
+        if len(primaries) == len(tasks):
+            return list(await asyncio.gather(*tasks))
+        try:
+            await asyncio.gather(*primaries)
+        except BaseException:
+            for t, row in zip(tasks, rows):
+                if row.get("shadow"):
+                    t.add_done_callback(_drop_result)
+            raise
+        for _ in range(SHADOW_SPINS):  # a shadow of the same batch finishes within a few turns of the loop
+            if all(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0)
+        return [_shadow_result(t) if row.get("shadow") else t.result() for t, row in zip(tasks, rows)]
 
     async def infer(self, row: dict) -> dict:
         if self.pusher is not None:

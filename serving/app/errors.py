@@ -23,7 +23,7 @@ ROW_CODES = {  # ModelServer row error code -> (HTTP status, error type)
 }
 UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)  # 503: the model is not there
 STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",  # 401: as OpenAI
-                404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error",
+                404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error", 410: "invalid_request_error",
                 413: "invalid_request_error",
                 415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                 503: "overloaded_error"}

@@ -16,7 +16,7 @@ import math
 import time
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, check_name, parse_ref
 
+from serving.experiments.shadow import cosine, entity_f1, label_agreement
+
 from ..sentence import unit_length
 from . import logs
 from .access import ADMIN_ROUTES, InferenceKeys, is_local_client
@@ -36,23 +38,22 @@ from .coalesce import Coalescer
 from .config import ServeConfig
 from .errors import (ROW_CODES, STATUS_TYPES, UNAVAILABLE, ApiError, error_response, exact_path_param,
                      unpaired_surrogate, validation_summary)
+from .experiment_routes import ExperimentRoutes
 from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
 from .heaptrim import HeapTrim
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label, polyhead_version
-from .openapi import install as install_docs, unknown_route_message
+from .openapi import unknown_route_message
 from .routing import UnknownModel, resolve_model
 from .tagging import pieces, tag_entities
 from .tokens import TextEncoder
+from .web import app
 from .texts import TooManyChars, encode_texts
 from .truncate import BadTruncation, TooLong, embedding_limit, fit, keep, truncation
 
 __all__ = ["ROW_CODES", "STATUS_TYPES", "ApiError", "Ingress", "app", "error_response", "unpaired_surrogate"]
 
 
-# no redirect of /v1/classify/ to /v1/classify (an empty 307): a JSON 404 that names the route without the slash
-app = FastAPI(title="polyhead", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
-install_docs(app)  # GET /openapi.json, /docs (serving/app/openapi.py)
 
 
 @app.exception_handler(ApiError)
@@ -105,6 +106,21 @@ def _sigmoid(x: list[float]) -> list[float]:
     return [1 / (1 + math.exp(-v)) if v >= 0 else math.exp(v) / (1 + math.exp(v)) for v in x]
 
 
+def _classify_item(index: int, model: str, res: dict, threshold: float) -> dict:
+    logits = res["logits"]
+    labels = res["labels"] or [f"LABEL_{j}" for j in range(len(logits))]
+    if res["task"] == "multilabel":
+        probs = _sigmoid(logits)
+        above = [lab for lab, p in zip(labels, probs) if p > threshold]
+    else:
+        probs, above = _softmax(logits), None
+    item = {"index": index, "model": model, "label": labels[max(range(len(probs)), key=probs.__getitem__)],
+            "probs": probs, "logits": logits}
+    if above is not None:
+        item["labels"] = above
+    return item
+
+
 async def _result(response):
     return await response
 
@@ -120,7 +136,7 @@ def _cancel(response) -> None:
 
 @serve.deployment
 @serve.ingress(app)
-class Ingress:
+class Ingress(ExperimentRoutes):  # + the experiment routes (serving/app/experiment_routes.py)
     keys = InferenceKeys(None)  # none needed; __init__ sets the config's
     stopping = False  # `polyhead serve` stops (stop_accepting): requests answer 503 draining
     in_flight = 0  # requests in _serve's handlers now
@@ -147,6 +163,7 @@ class Ingress:
         calls, window_s = self.cfg.max_model_calls, self.cfg.coalesce_window_ms / 1000
         self.coalescer = (Coalescer(self._send_rows, calls, self.cfg.max_batch_size, _cancel, window_s,
                                     busy_calls=self.cfg.num_replicas) if calls or window_s else None)
+        self._init_experiments()
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config of this deployment, given to every Ingress replica (and again on each change):
@@ -221,6 +238,7 @@ class Ingress:
             response.headers[ADMISSION_HEADER] = self.gate_config  # the gate reads and removes it
         self.metrics.requests.labels(route, response.status_code).inc()
         elapsed = time.perf_counter() - start
+        self._finish_experiments(request, response, code, elapsed)  # headers, the arms' counts
         self.metrics.latency.labels(route).observe(elapsed)
         for adapter in getattr(response, "adapters", ()):  # set by _respond: the adapters an answer used
             self.metrics.adapter_latency.labels(route, adapter).observe(elapsed)
@@ -380,8 +398,8 @@ class Ingress:
         for res in results:
             if res.get("compute_s") is not None:  # it ran in a batch
                 self.metrics.queue.labels(route).observe(max(0.0, waited - res["compute_s"]))
-        for res, name in zip(results, names):
-            if res.get("error"):
+        for row, res, name in zip(rows, results, names):
+            if res.get("error") and not row.get("shadow"):  # a shadow's failure is only counted (_compare_shadows)
                 status, _ = ROW_CODES.get(res["code"], (422, ""))
                 adapter = "unknown" if res["code"] == "model_not_found" else adapter_label(name)
                 raise ApiError(status, res["error"], res["code"], adapter=adapter)
@@ -490,31 +508,27 @@ class Ingress:
         texts = _as_list(body.input)
         pairs = self._checked_models(_as_list(body.model))
         self._check_counts(len(texts), len(pairs))
+        pairs = await self._route_experiments(request, body, pairs)  # an experiment's alias -> its arm's adapter
         info = await self._model_info()
         encs = await self._encode(texts, info["max_tokens"], body)
-        rows, names, meta = [], [], []
+        rows, names, meta, entry_of = [], [], [], []
         for i, enc in enumerate(encs):
-            for model, name in pairs:
+            for e, (model, name) in enumerate(pairs):
                 rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "seq",
                              "truncate": enc["truncate"]})
                 names.append(name)
                 meta.append((i, model))
-        results = await self._run_rows("classify", rows, names)
-        data = []
-        for (i, model), res in zip(meta, results):
-            logits = res["logits"]
-            labels = res["labels"] or [f"LABEL_{j}" for j in range(len(logits))]
-            if res["task"] == "multilabel":
-                probs = _sigmoid(logits)
-                above = [lab for lab, p in zip(labels, probs) if p > body.threshold]
-            else:
-                probs, above = _softmax(logits), None
-            item = {"index": i, "model": model, "label": labels[max(range(len(probs)), key=probs.__getitem__)],
-                    "probs": probs, "logits": logits}
-            if above is not None:
-                item["labels"] = above
-            data.append(item)
-        return self._respond("classify", {"object": "list", "data": data}, results, names)
+                entry_of.append(e)
+        twins, primary_of = self._shadow_rows(request, rows, entry_of)
+        results = await self._run_rows("classify", rows + twins, names + [t["adapter"] for t in twins])
+        results, shadows = results[:len(rows)], results[len(rows):]
+        data = [_classify_item(i, self._served_model(request, e, model, res), res, body.threshold)
+                for (i, model), e, res in zip(meta, entry_of, results)]
+        if twins:
+            self._compare_shadows(request, entry_of, primary_of, shadows, lambda j, res: label_agreement(
+                data[j], _classify_item(0, "", res, body.threshold)))
+        out = {"id": self._answer_id("classify", request), "object": "list", "data": data}
+        return self._respond("classify", out, results, names)
 
     @app.post("/v1/tag")
     async def tag(self, request: Request):
@@ -525,28 +539,37 @@ class Ingress:
         texts = _as_list(body.input)
         pairs = self._checked_models(_as_list(body.model))
         self._check_counts(len(texts), len(pairs))
+        pairs = await self._route_experiments(request, body, pairs)  # an experiment's alias -> its arm's adapter
         info = await self._model_info()
         encs = await self._encode(texts, info["max_tokens"], body, offsets=True)
-        rows, names, meta = [], [], []
+        rows, names, meta, entry_of = [], [], [], []
         for i, enc in enumerate(encs):
-            for model, name in pairs:
+            for e, (model, name) in enumerate(pairs):
                 rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "token",
                              "truncate": enc["truncate"]})
                 names.append(name)
                 meta.append((i, model, enc))
-        results = await self._run_rows("tag", rows, names)
-        data = []
-        prefix, unk = self.encoder.subword_prefix, self.encoder.unk_id
-        for (i, model, enc), res in zip(meta, results):
-            if res.get("truncated_to"):  # cut further by the model replica (an adapter's virtual tokens)
-                enc = keep(enc, res["truncated_to"], enc["truncate"])
-            probs = [_softmax(token_logits) for token_logits in res["logits"]]
-            labels = res["labels"] or [f"LABEL_{j}" for j in range(len(probs[0]) if probs else 0)]
-            found = pieces(probs, [tuple(o) for o in enc["offset_mapping"]], enc["tokens"], enc["input_ids"],
-                           texts[i], prefix, unk)
-            entities = tag_entities(found, labels, texts[i], body.aggregation_strategy)
-            data.append({"index": i, "model": model, "entities": entities})
-        return self._respond("tag", {"object": "list", "data": data}, results, names)
+                entry_of.append(e)
+        twins, primary_of = self._shadow_rows(request, rows, entry_of)
+        results = await self._run_rows("tag", rows + twins, names + [t["adapter"] for t in twins])
+        results, shadows = results[:len(rows)], results[len(rows):]
+        data = [{"index": i, "model": self._served_model(request, e, model, res),
+                 "entities": self._entities(res, enc, texts[i], body.aggregation_strategy)}
+                for (i, model, enc), e, res in zip(meta, entry_of, results)]
+        if twins:
+            self._compare_shadows(request, entry_of, primary_of, shadows, lambda j, res: entity_f1(
+                data[j]["entities"], self._entities(res, meta[j][2], texts[meta[j][0]], body.aggregation_strategy)))
+        out = {"id": self._answer_id("tag", request), "object": "list", "data": data}
+        return self._respond("tag", out, results, names)
+
+    def _entities(self, res: dict, enc: dict, text: str, strategy: str) -> list[dict]:
+        if res.get("truncated_to"):  # cut further by the model replica (an adapter's virtual tokens)
+            enc = keep(enc, res["truncated_to"], enc["truncate"])
+        probs = [_softmax(token_logits) for token_logits in res["logits"]]
+        labels = res["labels"] or [f"LABEL_{j}" for j in range(len(probs[0]) if probs else 0)]
+        found = pieces(probs, [tuple(o) for o in enc["offset_mapping"]], enc["tokens"], enc["input_ids"], text,
+                       self.encoder.subword_prefix, self.encoder.unk_id)
+        return tag_entities(found, labels, text, strategy)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request):
@@ -558,7 +581,7 @@ class Ingress:
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text or one list of token ids
         self._check_counts(len(inputs), 1)
-        (_, name), = self._adapters([body.model])
+        (_, name), = await self._route_experiments(request, body, self._adapters([body.model]))
         info = await self._model_info()
         if info.get("embedding_unsupported"):
             raise ApiError(422, info["embedding_unsupported"], "unsupported_embedding")
@@ -583,7 +606,12 @@ class Ingress:
                 enc = self._fit({"input_ids": item}, i, limit, body, text=False, why=why)
             rows.append({"adapter": name, "input_ids": enc["input_ids"], "need": "embedding",
                          "truncate": enc["truncate"]})
-        results = await self._run_rows("embeddings", rows, [name] * len(rows))
+        twins, primary_of = self._shadow_rows(request, rows, [0] * len(rows))
+        results = await self._run_rows("embeddings", rows + twins, [name] * len(rows) + [t["adapter"] for t in twins])
+        results, shadows = results[:len(rows)], results[len(rows):]
+        if twins:
+            self._compare_shadows(request, [0] * len(rows), primary_of, shadows,
+                                  lambda j, res: cosine(results[j]["embedding"], res["embedding"]))
         data = []
         for i, res in enumerate(results):
             emb = res["embedding"]
@@ -593,7 +621,8 @@ class Ingress:
                 emb = base64.b64encode(np.asarray(emb, dtype="<f4").tobytes()).decode("ascii")
             data.append({"object": "embedding", "index": i, "embedding": emb})
         tokens = sum(res.get("truncated_to") or len(r["input_ids"]) for r, res in zip(rows, results))
-        out = {"object": "list", "data": data, "model": body.model,
+        out = {"id": self._answer_id("embeddings", request), "object": "list", "data": data,
+               "model": self._served_model(request, 0, body.model, results[0]),
                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return self._respond("embeddings", out, results, [name] * len(rows))
 

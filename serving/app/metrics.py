@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+AGREEMENT_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,26 @@ INGRESS_SERIES = {
                               ("route", "adapter"), LATENCY_BUCKETS),
     "build_info": Series("polyhead_build_info", "gauge", "1, labelled with the polyhead version the ingress "
                          "replicas run", ("version",), aggregate="max"),
+    "ab_requests": Series("polyhead_experiment_requests", "counter", "requests an experiment's arm served (forced "
+                          "ones included), by status code", ("experiment", "arm", "code")),
+    "ab_errors": Series("polyhead_experiment_errors", "counter", "errors of an experiment's arm (its adapter's: "
+                        "counted for its error rate and guardrail)", ("experiment", "arm", "type")),
+    "ab_latency": Series("polyhead_experiment_request_seconds", "histogram", "end-to-end latency of the answered "
+                         "requests an experiment's arm served", ("experiment", "arm"), LATENCY_BUCKETS),
+    "ab_shadow_rows": Series("polyhead_experiment_shadow_rows", "counter", "shadow rows by outcome: run, dropped "
+                             "(under load), failed (an error), late (not done with their primary)",
+                             ("experiment", "outcome")),
+    "ab_agreement": Series("polyhead_experiment_shadow_agreement", "histogram", "per shadow row, its agreement "
+                           "with the primary (label agreement, entity F1, cosine) by the primary's arm",
+                           ("experiment", "arm"), AGREEMENT_BUCKETS),
+    "ab_outcomes": Series("polyhead_experiment_outcomes", "counter", "outcomes (POST /v1/feedback) counted per arm",
+                          ("experiment", "arm")),
+    "ab_outcome_sum": Series("polyhead_experiment_outcome_sum", "counter", "the sum of the outcome values per arm "
+                             "(mean: this / polyhead_experiment_outcomes)", ("experiment", "arm")),
+    "ab_weight": Series("polyhead_experiment_arm_weight", "gauge", "each arm's weight now (0 after a rollback)",
+                        ("experiment", "arm"), aggregate="max"),
+    "ab_rolled_back": Series("polyhead_experiment_rolled_back", "gauge", "1 for an arm a guardrail rolled back to "
+                             "weight 0", ("experiment", "arm"), aggregate="max"),
     "model_call_rows": Series("polyhead_model_call_rows", "histogram", "rows per call from the ingress to the model "
                               "deployment (concurrent requests share calls: serving/app/coalesce.py)", (),
                               SIZE_BUCKETS),
