@@ -1,4 +1,4 @@
-"""`polyhead` command line: `serve`, `adapters add|list|rm`, `bench`."""
+"""`polyhead` command line: `serve`, `adapters add|list|rm`, `experiments create|list|show|ramp|rm`, `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -24,12 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the HTTP server on Ray Serve (127.0.0.1:8000 by default)")
     serve.add_argument("--config", default=None, help="a serve config YAML (deploy/serve_config.yaml)")
     _add_adapters_parser(sub)
+    from .experiments import cli as experiments_cli  # _OneLineParser passed in: no import cycle
+
+    experiments_cli.add_parser(sub, _OneLineParser)
     args, rest = parser.parse_known_args(argv)
     if args.command == "adapters":
         if rest:
             print(f"polyhead adapters {args.action}: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
             return 1
         return adapters_command(args)
+    if args.command == "experiments":
+        if rest:
+            print(f"polyhead experiments {args.action}: error: unrecognized arguments: {' '.join(rest)}",
+                  file=sys.stderr)
+            return 1
+        return experiments_cli.run(args)
     if args.command == "serve":
         from .app import ConfigError, RayStartError, run
 

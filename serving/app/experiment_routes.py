@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -163,9 +162,10 @@ class ExperimentRoutes:
         limit = self.cfg.shadow_max_pending_rows
         limit = self.cfg.max_batch_size if limit is None else limit
         if self.admission.pending_rows + len(rows) + len(twins) > limit:
-            for e in routed.shadows:
-                self.metrics.ab_shadow_rows.labels(routed.assignments[e].experiment.name, "dropped").inc()
-                self.ledger.arm(routed.assignments[e].experiment, routed.assignments[e].arm.name).shadow_dropped += 1
+            for j, _ in twins:  # each shadow row counted dropped
+                a = routed.assignments[entry_of[j]]
+                self.metrics.ab_shadow_rows.labels(a.experiment.name, "dropped").inc()
+                self.ledger.arm(a.experiment, a.arm.name).shadow_dropped += 1
             routed.shadows = {}
             return [], []
         return [dict(rows[j], adapter=ref, shadow=True) for j, ref in twins], [j for j, _ in twins]
@@ -432,7 +432,3 @@ class ExperimentRoutes:
             self.metrics.ab_outcome_sum.labels(entry["experiment"], entry["arm"]).inc(value)
         return JSONResponse({"object": "feedback", "id": body.id, "value": value, "counted": out["counted"],
                              "not_counted": out["not_counted"]})
-
-
-def unused(_: float = time.time()) -> None:  # pragma: no cover - keeps the import list honest for linters
-    return None

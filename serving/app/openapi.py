@@ -4,7 +4,8 @@ The ingress reads request bodies itself (serving/app/http.py: its own size limit
 sees no body model and no error answer. The schema here is FastAPI's generation over the app's real routes
 (paths, parameters, summaries) completed from OPERATIONS: each operation's request body is the JSON schema of
 the model http.py validates it with (ClassifyBody, ...), its answer one of the response models below, and
-every error status it can answer, each with the error body {"error": {"message", "type", "code"}}.
+every error status it can answer, each with the error body {"error": {"message", "type", "code"}}; the
+inference operations also list an experiment's request headers (X-Polyhead-User, X-Polyhead-Arm) and answer's.
 tests/integration/test_openapi.py checks that every route has its entry and that real answers match.
 
 Swagger UI's script, stylesheet and icon come from the `fastapi-offline` package (a wheel that ships
@@ -23,15 +24,20 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.experiments.spec import GuardrailsBody, ShadowBody
 
 from .metrics import polyhead_version
 
 OPENAPI_PATH, DOCS_PATH, ASSETS_PATH = "/openapi.json", "/docs", "/docs/assets"
 ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
 REF = "#/components/schemas/{model}"
+SERVED_MODEL = "as named in the request; for an experiment, the adapter@N that served it"
+ANSWER_ID = ("this answer's id: 'cls-', 'tag-' or 'emb-' and 24 hex digits; 'ab-...' (signed) when an experiment "
+             "served it, the id POST /v1/feedback takes")
 
 
 # answers (documentation of what http.py returns; the request bodies are http.py's own models) -----------
@@ -77,7 +83,7 @@ class ModelList(BaseModel):
 
 class ClassifyItem(BaseModel):
     index: int = Field(description="the input's index")
-    model: str = Field(description="the model as named in the request")
+    model: str = Field(description=SERVED_MODEL)
     label: str = Field(description="the most probable label")
     probs: list[float] = Field(description="softmax (multi-label heads: sigmoid) of the logits")
     logits: list[float]
@@ -85,6 +91,7 @@ class ClassifyItem(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    id: str = Field(description=ANSWER_ID)
     object: Literal["list"]
     data: list[ClassifyItem] = Field(description="one item per input and model, inputs first")
 
@@ -99,11 +106,12 @@ class Entity(BaseModel):
 
 class TagItem(BaseModel):
     index: int
-    model: str
+    model: str = Field(description=SERVED_MODEL)
     entities: list[Entity]
 
 
 class TagResponse(BaseModel):
+    id: str = Field(description=ANSWER_ID)
     object: Literal["list"]
     data: list[TagItem]
 
@@ -120,9 +128,10 @@ class Usage(BaseModel):
 
 
 class EmbeddingsResponse(BaseModel):
+    id: str = Field(description=ANSWER_ID)
     object: Literal["list"]
     data: list[Embedding]
-    model: str
+    model: str = Field(description=SERVED_MODEL)
     usage: Usage
 
 
@@ -159,6 +168,102 @@ class AdapterDeleted(BaseModel):
     deleted: Literal[True]
 
 
+class ExperimentArm(BaseModel):
+    name: str
+    adapter: str = Field(description="name (its latest version when requested), name@N, or base: the base model")
+    weight: float
+    share: float = Field(description="weight / the sum of the weights")
+    buckets: int = Field(description="the hash buckets (of the allocation) whose units this arm serves")
+    rolled_back: dict | None = Field(description="what the guardrail saw when it set the weight to 0; null: not")
+
+
+class ExperimentObject(BaseModel):
+    object: Literal["experiment"]
+    id: str = Field(description="the experiment's name: a `model` of classify, tag and embeddings requests")
+    version: int = Field(description="the stored version (if_version of the next PUT)")
+    uid: str = Field(description="the same across versions; new when the name is created again")
+    phase: int = Field(description="statistics start over in a new phase (arms, weights or salt changed)")
+    arms: list[ExperimentArm]
+    control: str = Field(description="the arm the others are compared with")
+    shadow: ShadowBody | None
+    salt: str = Field(description="of the bucketing hash (default: the experiment's name)")
+    guardrails: GuardrailsBody
+    task: str | None = Field(description="the arms' shared head task; null: no head (embeddings)")
+    base: str
+    rolled_back: dict[str, dict] = Field(description="arm name -> what the guardrail saw when it rolled it back")
+    origin: Literal["api", "config"] = Field(description="config: from the serve config's `experiments`")
+    config_sha256: str | None = Field(description="the config definition this version descends from")
+    created: float = Field(description="Unix time")
+    updated: float
+
+
+class ExperimentDefined(ExperimentObject):
+    warnings: list[str] = Field(description="what is allowed but suspicious (arms whose heads answer other labels)")
+
+
+class BrokenExperiment(BaseModel):
+    id: str = Field(description="a stored experiment the server cannot read back")
+    error: str
+
+
+class ExperimentList(BaseModel):
+    object: Literal["list"]
+    data: list[ExperimentObject]
+    broken: list[BrokenExperiment] = []
+
+
+class ExperimentDeleted(BaseModel):
+    object: Literal["experiment"]
+    id: str
+    deleted: Literal[True]
+
+
+class ReportArm(BaseModel):  # serving/experiments/report.py experiment_report(): each number names its test
+    model_config = ConfigDict(extra="allow")
+    name: str
+    adapter: str
+    weight: float
+    share: float | None
+    units: int = Field(description="distinct unit keys (user) seen")
+    requests: int = Field(description="counted requests (forced arms, X-Polyhead-Arm, are not)")
+    errors: int
+    error_rate: dict = Field(description="{value, ci95, method: wilson}")
+    latency_ms: dict = Field(description="{n, p50, p99}")
+    outcome: dict = Field(description="feedback values: {n, mean, ci95, method: wilson (0/1) or t}")
+    vs_control: dict | None = Field(description="{difference (arm - control), ci95, p_value, test}; null: the "
+                                                 "control, or under 2 outcomes a side")
+    shadow: dict = Field(description="{rows, dropped, failed, late, agreement: {n, mean}}")
+
+
+class ExperimentReport(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    object: Literal["experiment.report"]
+    experiment: str
+    version: int
+    phase: int = Field(description="the statistics are this phase's")
+    control: str
+    arms: list[ReportArm]
+    srm: dict | None = Field(description="sample-ratio mismatch: Pearson chi-square of units per arm against the "
+                                         "weights; null: under two live arms or no unit yet")
+    guardrails: dict
+    shadow: dict | None
+    rolled_back: dict[str, dict]
+    previous_phase: dict | None = Field(description="the previous phase's final report, where one was kept")
+
+
+class FeedbackEntry(BaseModel):
+    experiment: str
+    arm: str
+
+
+class FeedbackAnswer(BaseModel):
+    object: Literal["feedback"]
+    id: str
+    value: float
+    counted: list[FeedbackEntry] = Field(description="the experiments and arms the outcome counts for")
+    not_counted: list[FeedbackEntry] = Field(description="those deleted, or in a phase already over")
+
+
 # operations ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -166,36 +271,65 @@ class Operation:
     answer: type[BaseModel] | str  # a model, or a media type of a text answer
     errors: tuple[int, ...]
     body: str | None = None  # the name of http.py's body model
-    status: int = 200
+    status: int | tuple[int, ...] = 200  # (200, 201): an update or a creation
     auth: str = "api"  # "admin": the admin key; "api": one of api_keys where configured; "none": open
+    experiments: bool = False  # `model` may name an experiment: its request and answer headers
+
+    @property
+    def statuses(self) -> tuple[int, ...]:
+        return self.status if isinstance(self.status, tuple) else (self.status,)
 
 
 ERROR_WHY = {400: "malformed JSON or not Unicode text",
              401: "no valid key: an admin route without the admin key; with api_keys configured, any other "
                   "route but /health, /ready and /metrics without one of them",
              403: "admin route with a wrong key, or from a non-local client without a configured key",
-             404: "unknown model or adapter (also names that are not valid names)",
-             409: "a config adapter (the serve config's `adapters`): remove it from the config instead",
+             404: "unknown model, adapter or experiment (also names that are not valid names); feedback: an id "
+                  "that is not an experiment's answer's",
+             409: "a config adapter or experiment (the serve config's `adapters`, `experiments`): change the config "
+                  "instead; an experiment name already taken (the base model's, an adapter's); a version conflict "
+                  "(if_version, or a change meanwhile: read it again); feedback already recorded for that id",
+             410: "feedback for an id issued more than feedback_ttl_s ago: not counted",
              408: "the request body did not arrive within body_timeout_s (front gate)",
              413: "body, items, models or tokens over a limit", 415: "a compressed body (Content-Encoding)",
-             422: "an invalid field, or the wrong task for that adapter",
+             422: "an invalid field, or the wrong task for that adapter; experiments: an invalid definition, an "
+                  "unknown adapter, arms of different tasks or bases, an unknown arm (X-Polyhead-Arm)",
              429: "overloaded: retry after Retry-After seconds",
              503: "not ready, draining or unavailable: retry after Retry-After seconds"}
 _INFER = (400, 401, 404, 408, 413, 415, 422, 429, 503)
+_EXPERIMENT = "/v1/experiments/{name}"
 OPERATIONS = {  # (method, path as FastAPI formats it) -> what it takes and answers
     ("get", "/health"): Operation(Status, (), auth="none"),
     ("get", "/ready"): Operation(Status, (503,), auth="none"),
     ("get", "/metrics"): Operation("text/plain", (503,), auth="none"),
     ("get", "/v1/models"): Operation(ModelList, (401, 503)),
     ("get", "/v1/models/{model}"): Operation(ModelObject, (401, 404, 503)),
-    ("post", "/v1/classify"): Operation(ClassifyResponse, _INFER, "ClassifyBody"),
-    ("post", "/v1/tag"): Operation(TagResponse, _INFER, "TagBody"),
-    ("post", "/v1/embeddings"): Operation(EmbeddingsResponse, _INFER, "EmbeddingsBody"),
+    ("post", "/v1/classify"): Operation(ClassifyResponse, _INFER, "ClassifyBody", experiments=True),
+    ("post", "/v1/tag"): Operation(TagResponse, _INFER, "TagBody", experiments=True),
+    ("post", "/v1/embeddings"): Operation(EmbeddingsResponse, _INFER, "EmbeddingsBody", experiments=True),
     ("get", "/v1/adapters"): Operation(AdapterList, (401, 403), auth="admin"),
     ("post", "/v1/adapters"): Operation(AdapterAdded, (400, 401, 403, 413, 415, 422, 429), "AdapterBody", 201,
                                         auth="admin"),
     ("delete", "/v1/adapters/{name}"): Operation(AdapterDeleted, (401, 403, 404, 409), auth="admin"),
+    ("get", "/v1/experiments"): Operation(ExperimentList, (401, 403, 503), auth="admin"),
+    ("get", _EXPERIMENT): Operation(ExperimentObject, (401, 403, 404, 503), auth="admin"),
+    ("put", _EXPERIMENT): Operation(ExperimentDefined, (400, 401, 403, 404, 409, 413, 415, 422, 503),
+                                    "ExperimentBody", (200, 201), auth="admin"),
+    ("delete", _EXPERIMENT): Operation(ExperimentDeleted, (401, 403, 404, 409, 503), auth="admin"),
+    ("get", _EXPERIMENT + "/report"): Operation(ExperimentReport, (401, 403, 404, 503), auth="admin"),
+    ("post", "/v1/feedback"): Operation(FeedbackAnswer, (400, 401, 404, 409, 410, 413, 415, 422, 503),
+                                        "FeedbackBody"),
 }
+# an experiment's answer (`model` names an experiment): the request headers that pick its arm, the answer's
+EXPERIMENT_PARAMETERS = [
+    {"name": "X-Polyhead-User", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 256},
+     "description": "the unit key of an experiment's sticky assignment where the body has no `user`"},
+    {"name": "X-Polyhead-Arm", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "force an experiment's arm (testing): the request is left out of its statistics"}]
+EXPERIMENT_HEADERS = {
+    "X-Polyhead-Experiment": {"description": "the experiments that served the answer, comma-separated (only "
+                              "when `model` names one)", "schema": {"type": "string"}},
+    "X-Polyhead-Arm": {"description": "each one's arm, in the same order", "schema": {"type": "string"}}}
 
 
 def api_routes(router):
@@ -238,8 +372,11 @@ def build_schema(app: FastAPI) -> dict:
             answer = ({"text/plain": {"schema": {"type": "string"}}} if isinstance(op.answer, str) else
                       {"application/json": {"schema": refs[(op.answer, "serialization")]}})
             error = {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
-            operation["responses"] = {str(op.status): {"description": "OK" if op.status == 200 else "Created",
-                                                       "content": answer}}
+            operation["responses"] = {str(s): {"description": "OK" if s == 200 else "Created", "content": answer}
+                                      for s in op.statuses}
+            if op.experiments:
+                operation["parameters"] = operation.get("parameters", []) + EXPERIMENT_PARAMETERS
+                operation["responses"]["200"]["headers"] = EXPERIMENT_HEADERS
             operation["responses"].update({str(s): {"description": ERROR_WHY[s], "content": error}
                                            for s in op.errors})
             # {}: no key (the open routes; the others where no api_keys are configured)

@@ -79,7 +79,7 @@ class Experiment:
     name: str
     version: int
     uid: str  # the same across updates; new when the name is created again
-    phase: int  # a new phase (statistics start over) when arms, weights or salt change
+    phase: int  # a new phase (statistics start over) when arms, their adapters, weights or salt change
     arms: tuple[Arm, ...]
     control: str
     shadow: ShadowBody | None
@@ -178,7 +178,7 @@ def config_sha256(body: ExperimentBody) -> str:
 def next_version(name: str, body: ExperimentBody, previous: Experiment | None, *, task: str | None, base: str,
                  origin: str = "api", config_hash: str | None = None, now: float | None = None) -> Experiment:
     """The experiment `body` defines, as the version after `previous` (None: a new experiment). The allocation
-    moves as few units as assign.py allows; a change of arms, weights or salt starts a new phase."""
+    moves as few units as assign.py allows; a change of arms, their adapters, weights or salt starts a new phase."""
     now = time.time() if now is None else now
     arms = tuple(Arm(a.name, a.adapter, float(a.weight)) for a in body.arms)
     salt = body.salt or name
@@ -187,8 +187,9 @@ def next_version(name: str, body: ExperimentBody, previous: Experiment | None, *
         allocation = Allocation.initial(weights)
     else:
         allocation = previous.allocation.rebalanced([a.name for a in previous.arms], [a.name for a in arms], weights)
-    same_split = (previous is not None and previous.salt == salt
-                  and [(a.name, a.weight) for a in previous.arms] == [(a.name, a.weight) for a in arms])
+    same_split = (previous is not None and previous.salt == salt  # the same arms serving the same adapters alike
+                  and [(a.name, a.adapter, a.weight) for a in previous.arms] == [(a.name, a.adapter, a.weight)
+                                                                                 for a in arms])
     phase = 1 if previous is None else previous.phase if same_split else previous.phase + 1
     rolled = {k: v for k, v in (previous.rolled_back if previous else {}).items()
               if (arm := next((a for a in arms if a.name == k), None)) is not None and arm.weight == 0}

@@ -265,3 +265,28 @@ def test_admin_routes_need_the_admin_key_and_delete_forgets(client, versions):
     assert classify(client, "ab-del", "hi").status_code == 404  # no longer an alias
     created = put(client, "ab-del", {"arms": arms(("a", "abx@2", 1))}, 201)  # a new experiment under the old name
     assert created["phase"] == 1
+
+
+def test_an_adapter_is_never_registered_under_an_experiments_name(client, versions, adapter_dirs):
+    put(client, "ab-name", {"arms": arms(("a", "abx@1", 1))})
+    r = client.post("/v1/adapters", json={"name": "ab-name", "source": str(adapter_dirs["ver-1"])}, headers=KEY)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "name_taken"
+    r = classify(client, "ab-name@1", "hi")  # experiments have no versions
+    assert r.status_code == 404
+
+
+def test_experiment_metrics_count_requests_and_shadow_rows(client, versions):
+    put(client, "ab-metrics", {"arms": arms(("a", "abx@1", 1)), "shadow": {"adapter": "abx@2", "percent": 100}})
+    for i in range(6):
+        assert classify(client, "ab-metrics", TEXTS[i], user=f"m{i}").status_code == 200
+
+    def counted():
+        m = metrics(client)
+        assert sample(m, "polyhead_experiment_requests_total", experiment="ab-metrics", arm="a", code="200") == 6
+        run = sample(m, "polyhead_experiment_shadow_rows_total", experiment="ab-metrics", outcome="run")
+        late = sample(m, "polyhead_experiment_shadow_rows_total", experiment="ab-metrics", outcome="late")
+        assert run + late == 6 and run >= 5
+        assert sample(m, "polyhead_experiment_shadow_agreement_count", experiment="ab-metrics", arm="a") == run
+        return True
+
+    wait_for(counted)

@@ -27,7 +27,9 @@ KEY = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ON, OFF = ("polyhead-docs", "/docs-prefix"), ("polyhead-nodocs", "/nodocs")
 EXPECTED = {("get", "/health"), ("get", "/ready"), ("get", "/metrics"), ("get", "/v1/models"),
             ("get", "/v1/models/{model}"), ("post", "/v1/classify"), ("post", "/v1/tag"), ("post", "/v1/embeddings"),
-            ("get", "/v1/adapters"), ("post", "/v1/adapters"), ("delete", "/v1/adapters/{name}")}
+            ("get", "/v1/adapters"), ("post", "/v1/adapters"), ("delete", "/v1/adapters/{name}"),
+            ("get", "/v1/experiments"), ("get", "/v1/experiments/{name}"), ("put", "/v1/experiments/{name}"),
+            ("delete", "/v1/experiments/{name}"), ("get", "/v1/experiments/{name}/report"), ("post", "/v1/feedback")}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -86,7 +88,7 @@ def test_openapi_json_is_a_valid_schema_of_every_route(urls, via):
     assert undocumented(app) == [] and set(OPERATIONS) == EXPECTED
     for (method, path), op in OPERATIONS.items():
         responses = spec["paths"][path][method]["responses"]
-        assert set(responses) == {str(op.status), *map(str, op.errors)}, (method, path)
+        assert set(responses) == {*map(str, op.statuses), *map(str, op.errors)}, (method, path)
         for status in op.errors:
             ref = responses[str(status)]["content"]["application/json"]["schema"]["$ref"]
             assert ref == "#/components/schemas/ErrorBody"
@@ -99,6 +101,11 @@ def test_openapi_json_is_a_valid_schema_of_every_route(urls, via):
     tag = spec["components"]["schemas"]["TagBody"]["properties"]["aggregation_strategy"]
     assert set(tag["enum"]) == {"none", "simple", "first", "average", "max"}
     assert spec["paths"]["/v1/adapters"]["post"]["security"] == [{"adminKey": []}]
+    assert spec["paths"]["/v1/experiments/{name}"]["put"]["security"] == [{"adminKey": []}]
+    assert spec["paths"]["/v1/feedback"]["post"]["security"] == [{"apiKey": []}, {}]
+    assert {"200", "201", "409", "422"} <= set(spec["paths"]["/v1/experiments/{name}"]["put"]["responses"])
+    classify_ok = spec["paths"]["/v1/classify"]["post"]["responses"]["200"]
+    assert set(classify_ok["headers"]) == {"X-Polyhead-Experiment", "X-Polyhead-Arm"}
     assert {"400", "404", "413", "422", "429", "503"} <= set(spec["paths"]["/v1/embeddings"]["post"]["responses"])
     assert "servers" not in spec  # the app at /: paths are absolute
 
@@ -127,6 +134,49 @@ def test_real_answers_match_the_schema(urls):
     labels = calls[6][2].json()["data"][1]
     assert "labels" in labels  # a multi-label answer's own field is in the schema (not only allowed)
     assert "labels" in spec["components"]["schemas"]["ClassifyItem"]["properties"]
+
+
+def test_experiment_and_feedback_answers_match_the_schema(urls, adapter_dirs):
+    spec = _spec(urls["direct"])
+    exp, report = "/v1/experiments/{name}", "/v1/experiments/{name}/report"
+    arms = {"arms": [{"name": "a", "adapter": "oapi-x", "weight": 1.0},
+                     {"name": "b", "adapter": "oapi-x@1", "weight": 1.0}]}
+    with httpx.Client(base_url=urls["direct"], timeout=60) as c:
+        added = c.post("/v1/adapters", json={"name": "oapi-x", "source": str(adapter_dirs["ver-1"])}, headers=KEY)
+        assert added.status_code == 201, added.text
+        try:
+            calls = [("put", exp, c.put("/v1/experiments/oapi-exp", json=arms, headers=KEY)),
+                     ("put", exp, c.put("/v1/experiments/oapi-exp", json={**arms, "if_version": 1}, headers=KEY)),
+                     ("put", exp, c.put("/v1/experiments/oapi-exp", json={**arms, "if_version": 7}, headers=KEY)),
+                     ("put", exp, c.put("/v1/experiments/oapi-exp", json={"arms": []}, headers=KEY)),
+                     ("get", "/v1/experiments", c.get("/v1/experiments", headers=KEY)),
+                     ("get", exp, c.get("/v1/experiments/oapi-exp", headers=KEY)),
+                     ("get", exp, c.get("/v1/experiments/no-such-exp", headers=KEY)),
+                     ("post", "/v1/classify", c.post("/v1/classify", json={"model": "oapi-exp", "input": "hi",
+                                                                           "user": "u1"}))]
+            served = calls[-1][2]
+            assert served.status_code == 200, served.text
+            assert served.headers["X-Polyhead-Experiment"] == "oapi-exp" and served.headers["X-Polyhead-Arm"] in "ab"
+            assert served.json()["data"][0]["model"] == "oapi-x@1", served.json()
+            answer_id = served.json()["id"]
+            calls += [("post", "/v1/feedback", c.post("/v1/feedback", json={"id": answer_id, "value": 1})),
+                      ("post", "/v1/feedback", c.post("/v1/feedback", json={"id": answer_id, "value": 0.5})),
+                      ("post", "/v1/feedback", c.post("/v1/feedback", json={"id": "cls-00", "value": True})),
+                      ("post", "/v1/feedback", c.post("/v1/feedback", json={"id": answer_id})),
+                      ("get", report, c.get("/v1/experiments/oapi-exp/report", headers=KEY)),
+                      ("get", report, c.get("/v1/experiments/no-such-exp/report", headers=KEY)),
+                      ("delete", exp, c.delete("/v1/experiments/oapi-exp", headers=KEY)),
+                      ("delete", exp, c.delete("/v1/experiments/oapi-exp", headers=KEY))]
+        finally:
+            c.delete("/v1/experiments/oapi-exp", headers=KEY)
+            c.delete("/v1/adapters/oapi-x", headers=KEY)
+    statuses = [r.status_code for *_, r in calls]
+    assert statuses == [201, 200, 409, 422, 200, 200, 404, 200, 200, 409, 404, 422, 200, 404, 200, 404], \
+        [(r.status_code, r.text[:200]) for *_, r in calls]
+    for method, path, response in calls:
+        _check_answer(spec, method, path, response)
+    assert calls[8][2].json()["counted"] == [{"experiment": "oapi-exp", "arm": served.headers["X-Polyhead-Arm"]}]
+    assert [a["name"] for a in calls[12][2].json()["arms"]] == ["a", "b"]
 
 
 def _assets(html: str) -> list[str]:
