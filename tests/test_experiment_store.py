@@ -223,3 +223,17 @@ def test_a_healthy_arm_is_never_rolled_back_over_ten_thousand_requests(tmp_path)
         asyncio.run(bad.flush())
         pushes += 1
     assert store.latest("exp").arm("arm1").weight == 0 and pushes <= 3
+
+
+def test_two_arms_breaching_at_once_are_rolled_back_in_one_version(tmp_path):
+    store, experiment, ledger = _ledger(tmp_path, 1, 1, 1, max_error_rate=0.1, min_requests=20)
+    client = LedgerClient(ledger)
+    for _ in range(40):
+        for arm, failing in (("arm0", False), ("arm1", True), ("arm2", True)):
+            stats = client.arm(experiment, arm)
+            stats.requests += 1
+            stats.errors += failing
+    asyncio.run(client.flush())
+    current = store.latest("exp")
+    assert current.version == 2 and [a.weight for a in current.arms] == [1, 0, 0]
+    assert set(current.rolled_back) == {"arm1", "arm2"}

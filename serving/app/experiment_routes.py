@@ -85,6 +85,19 @@ class ExperimentRoutes:
         self.ledger = LedgerClient(await asyncio.to_thread(self._ledger), self.cfg.experiment_push_s)
         self.catalog.ensure_started()
         self.ledger.ensure_started()
+        if self.cfg.experiments:
+            self._config_check = asyncio.ensure_future(self._check_config_experiments())
+
+    async def _check_config_experiments(self) -> None:
+        """The config's experiments were published without the model's checks (it may not run yet): make them
+        now, and log what fails (their requests would answer the arm's error, e.g. 404 for a missing adapter)."""
+        for name, data in self.cfg.experiments.items():
+            try:
+                await self._arm_task(ExperimentBody.model_validate(data))
+            except ApiError as exc:
+                log.warning("polyhead: experiment %r of the serve config: %s", name, exc.message)
+            except Exception as exc:  # noqa: BLE001 - the model is not there (yet): nothing to report
+                log.info("polyhead: experiment %r of the serve config not checked: %s", name, type(exc).__name__)
 
     def _ledger(self):
         kwargs = dict(max_units=self.cfg.max_experiment_units, feedback_ttl_s=self.cfg.feedback_ttl_s,
@@ -251,6 +264,21 @@ class ExperimentRoutes:
             for arm in experiment.arms:
                 self.metrics.ab_weight.labels(name, arm.name).set(arm.weight)
                 self.metrics.ab_rolled_back.labels(name, arm.name).set(1 if arm.name in experiment.rolled_back else 0)
+
+    async def _experiment_models(self) -> list[dict]:
+        """GET /v1/models's entries for the experiments (a client names them as `model` like adapters)."""
+        try:
+            await self._ensure_experiments()
+        except ApiError:
+            return []
+        return [_model_entry(e) for _, e in sorted(self.catalog.experiments.items())]
+
+    async def _experiment_model(self, name: str) -> dict | None:
+        if "@" in name:
+            return None
+        await self._ensure_experiments()
+        experiment = self.catalog.get(name)
+        return _model_entry(experiment) if experiment is not None else None
 
     # admin routes -----------------------------------------------------------------------------
 
@@ -432,3 +460,11 @@ class ExperimentRoutes:
             self.metrics.ab_outcome_sum.labels(entry["experiment"], entry["arm"]).inc(value)
         return JSONResponse({"object": "feedback", "id": body.id, "value": value, "counted": out["counted"],
                              "not_counted": out["not_counted"]})
+
+
+def _model_entry(experiment) -> dict:
+    total = sum(a.weight for a in experiment.arms)
+    return {"id": experiment.name, "object": "model", "created": int(experiment.created), "owned_by": "polyhead",
+            "parent": experiment.base, "task": experiment.task, "labels": None,
+            "experiment": {"version": experiment.version, "arms": [
+                {"name": a.name, "adapter": a.adapter, "share": a.weight / total} for a in experiment.arms]}}

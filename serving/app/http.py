@@ -469,7 +469,8 @@ class Ingress(AdapterRoutes, ExperimentRoutes):  # + admin routes: adapter_route
 
     async def _list_models(self, request: Request):
         listing = await self.model.adapter_listing.remote()  # "broken": store versions that cannot be read
-        return JSONResponse({"object": "list", "data": self._model_objects(listing["data"]), "broken": listing["broken"]})
+        data = self._model_objects(listing["data"]) + await self._experiment_models()
+        return JSONResponse({"object": "list", "data": data, "broken": listing["broken"]})
 
     def _model_objects(self, adapters: list[dict]) -> list[dict]:
         data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
@@ -490,6 +491,9 @@ class Ingress(AdapterRoutes, ExperimentRoutes):  # + admin routes: adapter_route
                 raise ApiError(404, str(exc), "model_not_found", adapter="unknown") from None
             if ref is None:
                 return JSONResponse({"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"})
+            experiment = await self._experiment_model(ref)
+            if experiment is not None:
+                return JSONResponse(experiment)
             entry = await self.model.describe_adapter.remote(ref)  # a pinned version's own task and labels
             if entry.get("error"):
                 raise ApiError(404, entry["error"], "model_not_found", adapter="unknown")

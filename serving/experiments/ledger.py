@@ -117,8 +117,8 @@ class ExperimentLedger:
         current = self.store.latest(name)
         if current is None or current.uid != experiment.uid or current.phase != experiment.phase:
             return 0  # changed meanwhile: judged again on the new version's counts
-        for breach in breaches:
-            current = rolled_back(current, breach["arm"], dict(breach, at=time.time(), version=current.version))
+        evidence = {b["arm"]: dict(b, at=time.time(), version=current.version) for b in breaches}
+        current = rolled_back(current, evidence)  # every breaching arm in one new version
         try:
             self.store.write(current)
         except Conflict:

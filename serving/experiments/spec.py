@@ -7,6 +7,7 @@ need the model (every adapter exists, all share a base and a task) are the ingre
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -201,15 +202,15 @@ def next_version(name: str, body: ExperimentBody, previous: Experiment | None, *
                       previous.created if previous else now, now)
 
 
-def rolled_back(experiment: Experiment, arm: str, evidence: dict, now: float | None = None) -> Experiment:
-    """The next version with `arm`'s weight 0 (a guardrail's rollback), `evidence` recorded."""
-    body = ExperimentBody(arms=[ArmBody(name=a.name, adapter=a.adapter, weight=0.0 if a.name == arm else a.weight)
+def rolled_back(experiment: Experiment, evidence: dict[str, dict], now: float | None = None) -> Experiment:
+    """The next version with each arm of `evidence` (arm name -> what the guardrail saw) at weight 0: a rollback."""
+    body = ExperimentBody(arms=[ArmBody(name=a.name, adapter=a.adapter, weight=0.0 if a.name in evidence else a.weight)
                                 for a in experiment.arms],
                           control=experiment.control, shadow=experiment.shadow, salt=experiment.salt,
                           guardrails=experiment.guardrails)
     out = next_version(experiment.name, body, experiment, task=experiment.task, base=experiment.base,
                        origin=experiment.origin, now=now)
-    return Experiment(**{**out.__dict__, "rolled_back": {**out.rolled_back, arm: evidence}})
+    return dataclasses.replace(out, rolled_back={**out.rolled_back, **evidence})
 
 
 def body_of(experiment: Experiment) -> ExperimentBody:

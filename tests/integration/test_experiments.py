@@ -290,3 +290,12 @@ def test_experiment_metrics_count_requests_and_shadow_rows(client, versions):
         return True
 
     wait_for(counted)
+
+
+def test_models_lists_experiments_beside_adapters(client, versions):
+    put(client, "ab-listed", {"arms": arms(("a", "abx@1", 3), ("b", "abx@2", 1))})
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    entry = models["ab-listed"]
+    assert entry["task"] == "seq_cls" and entry["parent"] == "all-MiniLM-L6-v2"
+    assert [(a["adapter"], a["share"]) for a in entry["experiment"]["arms"]] == [("abx@1", 0.75), ("abx@2", 0.25)]
+    assert client.get("/v1/models/ab-listed").json() == entry
