@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+NUMBER = r"(?:(?<!\w)-)?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"  # "tag-1933": a hyphen after a word is no minus
 _TOKEN = re.compile(rf"(\.\.\.)|({NUMBER})|(\s+)|(.)", re.S)
 _HEREDOC = re.compile(r"<<-?\s*'?\"?(\w+)'?\"?")
 

@@ -36,7 +36,8 @@ def test_readme_examples_print_what_the_readme_shows(tmp_path, monkeypatch):
     proc = _start_serving(_serve_config(tmp_path, port), tmp_path, "serve.log")
     try:
         _wait_ready(proc, port, tmp_path / "serve.log", 240)
-        env = dict(os.environ, POLYHEAD_STORE=str(store))
+        # the CLI's server (`polyhead experiments`' default URL is the README's 127.0.0.1:8000)
+        env = dict(os.environ, POLYHEAD_STORE=str(store), POLYHEAD_URL=f"http://127.0.0.1:{port}")
         for example in found:
             command = _localized(example.command, port, scratch)
             run = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
