@@ -2,7 +2,8 @@
 
 polyhead's router is the real code: `serving.app.affinity.choose` ranks the replicas for every request. Beside it,
 re-implementations of Ray Serve's routers (checked against Ray 2.60, see shared/notes "Topic 2"):
-- `pow2`: the default PowerOfTwoChoicesRequestRouter: two random replicas, the one with fewer ongoing requests.
+- `pow2`: the default PowerOfTwoChoicesRequestRouter: two random replicas, the one with fewer ongoing requests
+  (when both are full, the least loaded replica with room: Ray retries new pairs with a backoff).
 - `multiplexed`: MultiplexMixin + power of two, the model id being the adapter: two random replicas among those
   holding it, else among those with the fewest models, else among all (Ray waits up to 1 s at each step; here the
   steps are taken at once when the picks are full).
@@ -26,9 +27,11 @@ from the task brief, measured nowhere in this repository; reported beside the me
 
 Metrics per router, over the requests arriving after the warm-up: slot hit rate (1 - loads/rows, the issue's
 definition; beside it the ideal: the share of requests for the N x S most popular adapters), adapter loads/s,
-load imbalance (max / mean busy time of the replicas), throughput (rows/s completed) and p99 latency. Saturation
-is the highest arrival rate a router keeps up with (>= 98 % of the window's arrivals completed within it and the
-router's own queue under N x max_batch rows), found by a short search from an all-hit bound.
+load imbalance (max / mean busy time of the replicas), throughput (rows/s completed over the window's second
+half) and p99 latency. Saturation is the highest arrival rate a router keeps up with (over the window's second
+half, completions >= 98 % of arrivals, and the router's own queue under N x max_batch rows), found within 7 % by a
+short search (`saturation`). Beside each hit rate also the LRU bound: Che's approximation of one LRU cache of
+N x S slots, which no router can beat with LRU slots (rows of one adapter sharing a batch, and so a load, aside).
 
 Run: `python benchmarks/cluster_sim.py` (full sweep, a few minutes), `--quick` (fewer requests, for a look).
 Writes benchmarks/results/cluster_sim.{json,md,png}.
@@ -131,14 +134,15 @@ class Replica:
 def simulate(s: Setup, router: str, rate: float, n_req: int, warm: float, cost: Cost, seed: int) -> dict:
     """One run: n_req Poisson arrivals at `rate` rows/s; metrics over requests arriving after the first warm share."""
     rs = np.random.default_rng(seed)
-    t_arr = np.cumsum(rs.exponential(1.0 / rate, n_req))
+    i0 = int(n_req * warm)
+    ramp = np.minimum(1.0, 0.25 + 0.75 * np.arange(n_req) / max(i0, 1))  # warm-up: the rate ramps from 1/4
+    t_arr = np.cumsum(rs.exponential(1.0, n_req) / (rate * ramp))
     ad = np.searchsorted(zipf_cdf(s.adapters, s.alpha), rs.random(n_req)).astype(np.int64)
     ad = np.minimum(ad, s.adapters - 1)
     names = [f"adapter-{i}" for i in range(s.adapters)]
     rng = random.Random(seed)
     t_list, a_list = t_arr.tolist(), ad.tolist()
     done = np.full(n_req, np.nan)
-    i0 = int(n_req * warm)
     w0, w1 = t_list[i0], t_list[-1]
     reps = [Replica(i, 2 * s.max_batch) for i in range(s.replicas)]
     ids = [r.rid for r in reps]
@@ -147,7 +151,9 @@ def simulate(s: Setup, router: str, rate: float, n_req: int, warm: float, cost: 
     ch_pending: list[deque] = [deque() for _ in reps]  # consistent_hash: per candidate replica, [req, taken]
     ch_cands: dict[int, list[int]] = {}
     cap, B = s.max_ongoing, s.max_batch
-    rows_w = loads_w = batches_w = distinct_w = done_w = 0
+    rows_w = loads_w = batches_w = distinct_w = done_w = done_late = 0
+    im = (i0 + n_req) // 2
+    wm = t_list[im]  # the window's second half decides whether the router kept up (queues may fill in the first)
     heap: list[tuple[float, int]] = []
     n = s.replicas
 
@@ -251,7 +257,7 @@ def simulate(s: Setup, router: str, rate: float, n_req: int, warm: float, cost: 
                 pending.append(i)
             i += 1
             if i == n_req:
-                backlog = len(pending) + sum(1 for dq in ch_pending for item in dq if not item[1]) // 1
+                backlog = len(pending) + len({item[0] for dq in ch_pending for item in dq if not item[1]})
             continue
         now, idx, batch = heapq.heappop(heap)
         r = reps[idx]
@@ -260,6 +266,8 @@ def simulate(s: Setup, router: str, rate: float, n_req: int, warm: float, cost: 
             done[q] = now
         if w0 <= now < w1:
             done_w += len(batch)
+            if now >= wm:
+                done_late += len(batch)
         # freed capacity: the router's waiting requests first (they can only go here: every other replica is full)
         if router == "consistent_hash":
             dq = ch_pending[idx]
@@ -280,8 +288,8 @@ def simulate(s: Setup, router: str, rate: float, n_req: int, warm: float, cost: 
     lat = (done[i0:] - t_arr[i0:]) * 1000.0
     busy = np.array([r.busy for r in reps])
     return {
-        "rate": rate, "rows_window": arrived, "throughput": done_w / window,
-        "kept_up": bool(done_w >= 0.98 * arrived and backlog <= n * B), "router_backlog": backlog,
+        "rate": rate, "rows_window": arrived, "throughput": done_late / (w1 - wm),
+        "kept_up": bool(done_late >= 0.98 * (n_req - im) and backlog <= n * B), "router_backlog": backlog,
         "hit_rate": 1.0 - loads_w / rows_w if rows_w else None,
         "loads_per_s": loads_w / window,
         "imbalance": float(busy.max() / busy.mean()) if busy.mean() > 0 else None,
@@ -290,3 +298,294 @@ def simulate(s: Setup, router: str, rate: float, n_req: int, warm: float, cost: 
         "mean_batch": rows_w / batches_w if batches_w else None,
         "adapters_per_batch": distinct_w / batches_w if batches_w else None,
     }
+
+
+# the search, the sweeps, the report ---------------------------------------------------------------
+
+WARM = 0.4  # share of each run's requests before the measurement window (the rate ramps up meanwhile)
+KEEP = ("rate", "throughput", "kept_up", "hit_rate", "loads_per_s", "imbalance", "p50_ms", "p99_ms", "util_mean",
+        "mean_batch", "adapters_per_batch", "router_backlog")
+
+
+def lru_bound(s: Setup) -> float:
+    """Che's approximation of one LRU cache of N x S slots under the same Zipf stream (what LRU slots can reach)."""
+    slots = s.replicas * s.slots
+    if slots >= s.adapters:
+        return 1.0
+    p = np.diff(zipf_cdf(s.adapters, s.alpha), prepend=0.0)
+    lo, hi = 1.0, 1e15  # characteristic time T: sum(1 - exp(-p T)) = slots
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if np.sum(-np.expm1(-p * mid)) < slots else (lo, mid)
+    return float(np.sum(p * -np.expm1(-p * lo)))
+
+
+def n_requests(s: Setup, scale: float) -> int:
+    return int(scale * min(32_000, max(16_000, 1_000 * s.replicas)))
+
+
+def saturation(s: Setup, router: str, cost: Cost, scale: float, seed: int, runs: int = 7) -> dict:
+    """The highest arrival rate the router keeps up with, within 7 %: start at half the capacity that one-row
+    batches at the LRU bound's hit rate would have; while it keeps up, go up (to rate / mean busy share, at least
+    x 1.2); once a rate fails, bisect between the best kept-up rate and the lowest failed one."""
+    lam = 0.5 * s.replicas / cost.batch_s(1, 1, 1 - lru_bound(s))
+    best, fail, tried = None, math.inf, []
+    for _ in range(runs):
+        r = simulate(s, router, lam, n_requests(s, scale), WARM, cost, seed)
+        tried.append({k: r[k] for k in KEEP})
+        if r["kept_up"]:
+            best = r if best is None or lam > best["rate"] else best
+        else:
+            fail = min(fail, lam)
+        if best is None:
+            lam = 0.9 * min(r["throughput"], lam)  # overloaded: below what it completed
+        elif fail == math.inf:
+            lam = max(1.2 * lam, min(lam / max(r["util_mean"], 0.05), 2 * lam))
+        elif fail <= 1.07 * best["rate"]:
+            break
+        else:
+            lam = math.sqrt(best["rate"] * fail)
+    if best is None:  # never kept up: report the last (overloaded) run
+        best = r
+    return {"router": router, **asdict_setup(s), "ideal": ideal_hit(s), "lru_bound": lru_bound(s),
+            "saturation": {k: best[k] for k in KEEP}, "tried": tried}
+
+
+def asdict_setup(s: Setup) -> dict:
+    d = asdict(s)
+    d["policy"] = asdict(s.policy)
+    return d
+
+
+def fmt(v, nd=2) -> str:
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def table(rows: list[dict], ladder: bool = False) -> str:
+    head = ("| replicas | adapters | alpha | router | rate rows/s | kept up | hit rate | ideal | LRU bound | "
+            "loads/s | imbalance | throughput rows/s | p50 ms | p99 ms | mean batch |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        m = row["saturation"]
+        out.append(f"| {row['replicas']} | {row['adapters']} | {row['alpha']} | {row['router']} | {m['rate']:.0f} | "
+                   f"{'yes' if m['kept_up'] else 'NO'} | {fmt(m['hit_rate'], 3)} | {row['ideal']:.3f} | "
+                   f"{row['lru_bound']:.3f} | {m['loads_per_s']:.0f} | {fmt(m['imbalance'])} | "
+                   f"{m['throughput']:.0f} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} | {fmt(m['mean_batch'], 1)} |")
+    return "\n".join(out)
+
+
+def run_all(args) -> dict:
+    t0, c0 = time.time(), time.process_time()
+    measured = measured_cost()
+    policy = AffinityPolicy(*args.policy) if args.policy else AffinityPolicy()
+    scale, seed = (1 / 3 if args.quick else 1.0), args.seed
+    head = Setup(16, 10_000, 1.0, policy=policy)
+    report: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "machine": {"python": platform.python_version(), "platform": platform.platform()},
+                    "settings": {"quick": args.quick, "seed": seed, "warm_share": WARM, "slots": head.slots,
+                                 "max_batch": head.max_batch, "max_ongoing": head.max_ongoing,
+                                 "polyhead_policy": asdict(policy), "requests_per_run": "min(32000, max(16000, "
+                                 "1000 x replicas))" + (" / 3" if args.quick else "")},
+                    "costs": {"measured": asdict(measured), "assumed": asdict(ASSUMED)}}
+
+    def log(msg):
+        print(f"[{time.time() - t0:5.0f} s, cpu {time.process_time() - c0:4.0f} s] {msg}", flush=True)
+
+    # 1. the grid (measured costs): every router's saturation point
+    grid = []
+    for n in (8, 16, 64):
+        for a in (1_000, 10_000):
+            for alpha in (0.8, 1.0, 1.2):
+                s = Setup(n, a, alpha, policy=policy)
+                for router in ROUTERS:
+                    grid.append(saturation(s, router, measured, scale, seed))
+                log(f"grid N={n} A={a} alpha={alpha}: " + ", ".join(
+                    f"{g['router']} {g['saturation']['throughput']:.0f}/s hit {fmt(g['saturation']['hit_rate'])}"
+                    for g in grid[-len(ROUTERS):]))
+    report["grid"] = grid
+
+    # 2. the headline setup: every router at fractions of pow2's saturation rate (p99 at equal load)
+    base_rate = cell(grid, "pow2", 16, 10_000, 1.0)["saturation"]["rate"]
+    ladder = []
+    for f in (0.5, 0.75, 1.0, 1.25, 1.5):
+        for router in ROUTERS:
+            r = simulate(head, router, f * base_rate, n_requests(head, scale), WARM, measured, seed)
+            ladder.append({"router": router, **asdict_setup(head), "ideal": ideal_hit(head),
+                           "lru_bound": lru_bound(head), "fraction_of_pow2_saturation": f,
+                           "saturation": {k: r[k] for k in KEEP}})
+    report["ladder"] = ladder
+    log("ladder done")
+
+    # 3. the same targets with the brief's assumed (GPU-like) costs
+    assumed = {router: saturation(head, router, ASSUMED, scale, seed) for router in ROUTERS}
+    for n in (8, 64):
+        assumed[f"polyhead@{n}"] = saturation(Setup(n, 10_000, 1.0, policy=policy), "polyhead", ASSUMED, scale, seed)
+    p2c_rate = assumed["pow2"]["saturation"]["rate"]
+    assumed["polyhead_at_pow2_rate"] = simulate(head, "polyhead", p2c_rate, n_requests(head, scale), WARM,
+                                                ASSUMED, seed)
+    report["assumed_costs"] = assumed
+    log("assumed-cost targets done")
+
+    # 4. policy investigation (headline setup, measured costs)
+    variants = [(2, 64, 1.25, 1), (1, 64, 1.25, 1), (3, 64, 1.25, 1), (2, 64, 1.5, 1), (2, 64, 2.0, 1),
+                (2, 64, 1.25, 8), (2, 64, 1.25, 16), (2, 64, 1.5, 16), (1, 64, 1.5, 16), (2, 64, 1.25, 32)]
+    if args.quick:
+        variants = variants[:1] + variants[6:8]
+    report["policies"] = [saturation(Setup(16, 10_000, 1.0, policy=AffinityPolicy(*v)), "polyhead", measured,
+                                     scale, seed) for v in variants]
+    log("policy investigation done")
+    report["targets"] = targets(report)
+    report["elapsed_s"] = time.time() - t0
+    report["cpu_s"] = time.process_time() - c0
+    return report
+
+
+def cell(rows: list[dict], router: str, n: int, a: int, alpha: float) -> dict:
+    return next(g for g in rows if g["router"] == router and g["replicas"] == n and g["adapters"] == a
+                and g["alpha"] == alpha)
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's targets at alpha = 1, 10,000 adapters, 16 replicas, under both cost profiles."""
+    out = []
+
+    def add(costs, target, measured, bound, note=""):
+        out.append({"costs": costs, "target": target, "measured": measured, "bound": bound,
+                    "met": None if measured is None else measured >= bound, "note": note})
+
+    grid, ladder = report["grid"], report["ladder"]
+    poly, p2c = cell(grid, "polyhead", 16, 10_000, 1.0), cell(grid, "pow2", 16, 10_000, 1.0)
+    at_rate = {r["router"]: r["saturation"] for r in ladder if r["fraction_of_pow2_saturation"] == 1.0}
+    scale = (cell(grid, "polyhead", 64, 10_000, 1.0)["saturation"]["throughput"]
+             / cell(grid, "polyhead", 8, 10_000, 1.0)["saturation"]["throughput"])
+    a = report["assumed_costs"]
+    for costs, ph, pw, p99s, up in (
+            ("measured", poly, p2c, (at_rate["polyhead"]["p99_ms"], at_rate["pow2"]["p99_ms"]), scale),
+            ("assumed", a["polyhead"], a["pow2"],
+             (a["polyhead_at_pow2_rate"]["p99_ms"], a["pow2"]["saturation"]["p99_ms"]),
+             a["polyhead@64"]["saturation"]["throughput"] / a["polyhead@8"]["saturation"]["throughput"])):
+        hit = ph["saturation"]["hit_rate"]
+        add(costs, "polyhead hit rate / ideal at saturation", hit / ph["ideal"], 0.9,
+            f"hit {hit:.3f}, ideal {ph['ideal']:.3f}, LRU bound {ph['lru_bound']:.3f} "
+            f"(= {ph['lru_bound'] / ph['ideal']:.3f} x ideal)")
+        ratio = ph["saturation"]["throughput"] / pw["saturation"]["throughput"]
+        add(costs, "polyhead / pow2 throughput at saturation", ratio, 1.5,
+            f"{ph['saturation']['throughput']:.0f} vs {pw['saturation']['throughput']:.0f} rows/s")
+        add(costs, "pow2 p99 / polyhead p99 at pow2's saturation rate", p99s[1] / p99s[0], 1.0,
+            f"polyhead {p99s[0]:.0f} ms, pow2 {p99s[1]:.0f} ms")
+        add(costs, "polyhead throughput 64 / 8 replicas", up, 0.8 * 64 / 8, "bound 0.8 x 8")
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    out = ["| costs | target | measured | bound | met | note |", "|---|---|---|---|---|---|"]
+    for t in rows:
+        met = {True: "yes", False: "NO", None: "-"}[t["met"]]
+        out.append(f"| {t['costs']} | {t['target']} | {fmt(t['measured'])} | {fmt(float(t['bound']))} | {met} | "
+                   f"{t['note']} |")
+    return "\n".join(out)
+
+
+def policy_table(rows: list[dict]) -> str:
+    out = ["| K | virtual nodes | load_factor | slack_rows | saturation rows/s | hit rate | hit / ideal | loads/s "
+           "| imbalance | p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, m = r["policy"], r["saturation"]
+        out.append(f"| {p['homes']} | {p['virtual_nodes']} | {p['load_factor']} | {p['slack_rows']} | "
+                   f"{m['throughput']:.0f} | {fmt(m['hit_rate'], 3)} | {fmt(m['hit_rate'] / r['ideal'])} | "
+                   f"{m['loads_per_s']:.0f} | {fmt(m['imbalance'])} | {m['p99_ms']:.0f} |")
+    return "\n".join(out)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = report["grid"]
+    colors = {"pow2": "tab:gray", "multiplexed": "tab:red", "consistent_hash": "tab:green", "polyhead": "tab:blue"}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    for col, (xs, key, pick, xlabel) in enumerate((
+            ((8, 16, 64), "replicas", lambda x: (x, 10_000, 1.0), "replicas (10,000 adapters, alpha 1.0)"),
+            ((0.8, 1.0, 1.2), "alpha", lambda x: (16, 10_000, x), "Zipf alpha (16 replicas, 10,000 adapters)"))):
+        for router, color in colors.items():
+            rows = [cell(grid, router, *pick(x)) for x in xs]
+            axes[0][col].plot(xs, [r["saturation"]["hit_rate"] for r in rows], "o-", color=color, label=router)
+            axes[1][col].plot(xs, [r["saturation"]["throughput"] for r in rows], "o-", color=color, label=router)
+        rows = [cell(grid, "polyhead", *pick(x)) for x in xs]
+        axes[0][col].plot(xs, [r["ideal"] for r in rows], "k--", label="ideal (top N x S share)")
+        axes[0][col].plot(xs, [r["lru_bound"] for r in rows], "k:", label="LRU bound (Che)")
+        axes[0][col].set_ylabel("slot hit rate at saturation (1 - loads/rows)")
+        axes[1][col].set_ylabel("throughput at saturation (rows/s)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xlabel(xlabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+            if key == "replicas":
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [str(x) for x in xs])
+        if key == "replicas":
+            axes[1][col].set_yscale("log")
+    c = report["costs"]["measured"]
+    fig.suptitle(f"cluster_sim: 64 LRU slots per replica, measured costs a={c['a_ms']:.1f} b={c['b_ms']:.2f} "
+                 f"c={c['c_ms']:.2f} L={c['L_ms']:.1f} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(report: dict, out: Path, name: str = "cluster_sim") -> None:
+    s, c = report["settings"], report["costs"]
+    m, a = c["measured"], c["assumed"]
+    parts = [f"# cluster_sim ({report['date']})\n",
+             f"Discrete-event simulation (benchmarks/cluster_sim.py; polyhead's router is "
+             f"serving.app.affinity.choose itself, policy `{json.dumps(s['polyhead_policy'])}`): "
+             f"{s['slots']} LRU slots, batches of up to {s['max_batch']} rows, {s['max_ongoing']} rows admitted "
+             f"per replica, one-row Poisson requests, Zipf adapters; {s['requests_per_run']} requests per run, the "
+             f"first {s['warm_share']:.0%} (a rate ramp) not measured. Batch time a + b x rows + c x distinct "
+             f"adapters + L x loads. Measured costs from {m['source']}: a={m['a_ms']:.2f} b={m['b_ms']:.3f} "
+             f"c={m['c_ms']:.3f} L={m['L_ms']:.2f} ms. Assumed costs ({a['source']}): a={a['a_ms']} b={a['b_ms']} "
+             f"c={a['c_ms']} L={a['L_ms']} ms. Saturation = the highest arrival rate kept up with (completions >= "
+             "98 % of arrivals over the window's second half, router queue < N x max_batch; found within 7 %); "
+             "throughput = rows completed per second over that half. Hit rate = 1 - loads/rows; "
+             "ideal = share of requests for the N x S most popular adapters; LRU bound = Che's approximation "
+             "of one LRU cache of N x S slots.\n",
+             f"## Targets (alpha 1.0, 10,000 adapters, 16 replicas)\n\n{targets_table(report['targets'])}\n",
+             "## Saturation, every setup (measured costs)\n\n" + table(report["grid"]) + "\n",
+             "## 16 replicas, 10,000 adapters, alpha 1.0, at fractions of pow2's saturation rate (measured costs)\n"
+             "\n" + table(report["ladder"]).replace("| rate rows/s |", "| rate rows/s |") + "\n",
+             "## Saturation with the assumed costs (16 replicas unless named)\n\n"
+             + table([v for k, v in report["assumed_costs"].items() if isinstance(v, dict) and "saturation" in v])
+             + "\n",
+             "## Policy investigation (polyhead, 16 replicas, 10,000 adapters, alpha 1.0, measured costs)\n\n"
+             + policy_table(report["policies"]) + "\n",
+             f"elapsed {report['elapsed_s']:.0f} s ({report['cpu_s']:.0f} s of CPU, one core)\n"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(parts))
+    try:
+        plot(report, out / f"{name}.png")
+    except Exception as exc:  # noqa: BLE001 - the tables matter more
+        print(f"no plot: {exc}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a third of the requests per run, fewer policies")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", type=float, nargs=4, metavar=("K", "VNODES", "LOAD_FACTOR", "SLACK"),
+                    help="polyhead's AffinityPolicy (default: its defaults)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="cluster_sim", help="file stem under --out")
+    args = ap.parse_args(argv)
+    if args.policy:
+        k, v, lf, sl = args.policy
+        args.policy = (int(k), int(v), lf, int(sl))
+    report = run_all(args)
+    write_report(report, args.out, args.name)
+    print(targets_table(report["targets"]))
+    print(f"wrote {args.out / args.name}.json/.md/.png in {report['elapsed_s']:.0f} s ({report['cpu_s']:.0f} s CPU)")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ from .stats import ArmStats, ExperimentStats  # noqa: F401 - ArmStats: what Ledg
 
 log = logging.getLogger("ray.serve")
 WARN_EVERY_S = 60.0
+LEDGER_NAMESPACE = "polyhead"
 
 
 class ExperimentLedger:
@@ -270,9 +271,11 @@ class LedgerClient:
 
 
 def ledger_handle(app_name: str, store_root: str, **kwargs):
-    """The app's ExperimentLedger actor, created by the first replica that asks (detached: it outlives replicas)."""
+    """The app's ExperimentLedger actor, created by the first replica that asks (detached: it outlives replicas), in
+    a namespace of its own (a detached actor in a replica's anonymous namespace makes Ray print a warning on the
+    driver's stdout, which carries the request log)."""
     import ray
 
     actor = ray.remote(ExperimentLedger)
-    return actor.options(name=ledger_name(app_name), get_if_exists=True, lifetime="detached", num_cpus=0,
-                         max_concurrency=1).remote(store_root, **kwargs)
+    return actor.options(name=ledger_name(app_name), namespace=LEDGER_NAMESPACE, get_if_exists=True,
+                         lifetime="detached", num_cpus=0, max_concurrency=1).remote(store_root, **kwargs)
