@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="run benchmarks/engine_throughput.py (from a source checkout)")
     serve = sub.add_parser("serve", help="run the HTTP server on Ray Serve (127.0.0.1:8000 by default)")
     serve.add_argument("--config", default=None, help="a serve config YAML (deploy/serve_config.yaml)")
+    serve.add_argument("--address", default=None, help="deploy onto this running Ray cluster (auto, ray://host:10001, "
+                       "host:6379) instead of starting Ray here")
     _add_adapters_parser(sub)
     from .experiments import cli as experiments_cli  # _OneLineParser passed in: no import cycle
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from .app import ConfigError, RayStartError, run
 
         try:
-            run(args.config)
+            run(args.config, address=args.address)
         except (ConfigError, RayStartError) as exc:  # one line (or one per invalid field), as `adapters` errors
             print(f"polyhead serve: error: {exc}", file=sys.stderr)
             return 1

@@ -32,12 +32,21 @@ def build_app(config: ServeConfig | dict | str | Path | None = None):
     else:
         cfg = config
     data = cfg.model_dump()
+    routing = {}
+    if cfg.request_router == "affinity":
+        from ray.serve.config import RequestRouterConfig
+
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class="serving.app.router:AffinityRouter",
+            request_router_kwargs={"homes": cfg.affinity_homes, "capacity_rows": 2 * cfg.max_batch_size},
+            request_routing_stats_period_s=0.5)
     model = ModelServer.options(
         num_replicas=cfg.num_replicas,
         ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": cfg.replica_gpus()},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         logging_config={"log_level": cfg.log_level},
+        **routing,
     ).bind(data)
     # the ingress only waits on the model: it must never queue in Ray's proxy (which answers in plain text)
     # no access log of Serve's own: the ingress logs each request (serving/app/logs.py)
@@ -240,8 +249,12 @@ def loopback_setup_hook():
     return setup
 
 
-def run(config_path: str | Path | None = None, **overrides) -> None:
+def run(config_path: str | Path | None = None, address: str | None = None, **overrides) -> None:
     """Start Ray on 127.0.0.1 only (no dashboard), serve the app on host:port, stop cleanly on SIGINT/SIGTERM.
+
+    `address` ("auto", "ray://host:10001", "host:6379"): deploy onto that running Ray cluster instead (`ray start
+    --head` / KubeRay); Serve's proxy listens on host:port (no direct ingress: Serve's environment is the
+    cluster's); on stop the app is drained and deleted, and this process disconnects, leaving the cluster up.
 
     With `direct_ingress` (the default), the ingress replica itself listens on host:port and Serve's proxy
     on a free port of the same host (the same app, one hop further); without it, the proxy listens on
@@ -250,14 +263,19 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
     stops the server under `make serve` when make alone got SIGINT).
     """
     cfg = load_config(config_path, **overrides)
+    if address is not None:
+        cfg = cfg.model_copy(update={"direct_ingress": False})
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.num_replicas * cfg.replica_cpus() + cfg.ingress_num_cpus))
 
     stopping.install_handlers()  # SIGTERM and SIGINT raise KeyboardInterrupt: unwind through the stop below
     parent, served = stopping.ParentMake(), False  # `make serve`: make's own SIGINT stops the server too
     try:
         ports = range(cfg.port, cfg.port + 1) if cfg.direct_ingress else None  # the one ingress replica
-        _start_ray(num_cpus, direct_ingress_ports=ports, job_log_level=cfg.log_level,
-                   forwarded_allow_ips=cfg.forwarded_allow_ips)
+        if address is not None:
+            _join_cluster(address, cfg.log_level)
+        else:
+            _start_ray(num_cpus, direct_ingress_ports=ports, job_log_level=cfg.log_level,
+                       forwarded_allow_ips=cfg.forwarded_allow_ips)
         stopping.install_handlers()  # again: Ray's driver replaced SIGTERM's with its own (a stack dump, abort)
         from ray import serve
 
@@ -279,7 +297,7 @@ def run(config_path: str | Path | None = None, **overrides) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        _stop(cfg, served, stopping.Deferred())
+        _stop(cfg, served, stopping.Deferred(), own_ray=address is None)
 
 
 class RayStartError(RuntimeError):
@@ -305,8 +323,20 @@ def _start_ray(num_cpus: int, attempts: int = 3, **kwargs) -> None:
                   "it again", flush=True)
 
 
-def _stop(cfg: ServeConfig, served: bool, signals: stopping.Deferred) -> None:
-    """Drain (when the app served), stop Serve and Ray, end any process of theirs still running after a grace."""
+def _join_cluster(address: str, log_level: str) -> None:
+    """Connect to the running Ray cluster at `address`; RayStartError (one line) when there is none."""
+    import ray
+
+    try:
+        ray.init(address=address, logging_config=ray.LoggingConfig(log_level=log_level), log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayStartError(f"no Ray cluster at {address!r} ({type(exc).__name__}: {str(exc)[:200]}); start one "
+                            "with `ray start --head`, or leave --address out to run Ray here") from None
+
+
+def _stop(cfg: ServeConfig, served: bool, signals: stopping.Deferred, own_ray: bool = True) -> None:
+    """Drain (when the app served), stop Serve and Ray, end any process of theirs still running after a grace.
+    On a cluster polyhead joined (`own_ray` False): drain, delete the app, disconnect; the cluster stays up."""
     def log(line: str) -> None:
         print(line, flush=True)
 
@@ -322,6 +352,14 @@ def _stop(cfg: ServeConfig, served: bool, signals: stopping.Deferred) -> None:
             ingress = serve.get_deployment_handle("Ingress", "polyhead")
             stopping.drain(lambda: ingress.stop_accepting.remote().result(timeout_s=5), cfg.drain_timeout_s,
                            signals, log)
+        if not own_ray:
+            log("polyhead: deleting the app from the cluster")
+            try:
+                serve.delete("polyhead")
+            finally:
+                ray.shutdown()
+            log("polyhead: stopped")
+            return
         log("polyhead: shutting down")
         procs = stopping.descendants()  # Ray's processes: its agents outlived the driver when it went abruptly
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -98,6 +99,11 @@ class ServeConfig(BaseModel):
     # process on a core stalls the whole forward, while separate replicas lose only the time taken. A lone
     # long row is slower on one thread (128 tokens: 41 vs 27 ms in-process).
     num_replicas: int = Field(1, ge=1)
+    # which replica each model call goes to: Ray's default (power of two choices, by queue length), or "affinity":
+    # each adapter's rows concentrate on the replicas that hold it, then on its affinity_homes home replicas
+    # (bounded-load consistent hashing; serving/app/router.py, serving/app/affinity.py)
+    request_router: Literal["power_of_two", "affinity"] = "power_of_two"
+    affinity_homes: int = Field(2, ge=1)
     num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # torch threads per replica
     # the engine thread's (and its torch threads') nice value above the replica's (at most 19): where cores are
     # shared, the HTTP side (Ray's proxy, the ingress, the replica's event loop) answers - or refuses - before

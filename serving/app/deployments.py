@@ -475,6 +475,16 @@ class ModelServer:
 
     # introspection ------------------------------------------------------------------------
 
+    def record_routing_stats(self) -> dict:
+        """What the affinity router (serving/app/router.py) ranks this replica by; polled by Serve's controller.
+        Cheap: no engine call. "resident": the adapter versions loaded here, a store version as `name@N` and `name`."""
+        resident = set()
+        for found in self._loaded.values():
+            resident.add(found.full_ref)
+            resident.add(found.name)
+        return {"resident": sorted(resident), "queued_rows": sum(self._inflight.values()),
+                "capacity_rows": 2 * self.cfg.max_batch_size}
+
     def info(self) -> dict:
         """What the ingress needs to know (and its /ready asks): limits, and whether this replica drains."""
         if self.pusher is not None:
