@@ -151,17 +151,7 @@ class ExperimentStore:
     def _create(self, path: str, data: bytes) -> bool:
         """Create `path` with `data` unless it exists (atomic, exclusive); False when it existed."""
         if self._fs is not None:
-            try:
-                with self._fs.open(path, "xb") as f:
-                    f.write(data)
-                return True
-            except FileExistsError:
-                return False
-            except (NotImplementedError, ValueError):  # no exclusive create on this backend: best effort
-                if self._fs.exists(path):
-                    return False
-                self._fs.pipe_file(path, data)
-                return True
+            return self.adapters._claim(path, data)  # the store's exclusive create (best effort where none)
         folder = Path(path).parent
         folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(self._dir) / f".tmp-{secrets.token_hex(8)}"
