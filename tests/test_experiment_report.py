@@ -12,7 +12,8 @@ from scipy import stats as st
 from serving.experiments.assign import Allocation, bucket
 from serving.experiments.report import (compare, error_rate, experiment_report, format_table, guardrail_breaches,
                                         outcome_summary, srm)
-from serving.experiments.stats import ArmStats, Moments, unit_id
+from serving.experiments.assign import unit
+from serving.experiments.stats import ArmStats, Moments
 
 Z95 = st.norm.ppf(0.975)
 
@@ -136,7 +137,7 @@ def assigned_units(weights: list[float], n: int, salt: str = "srm-test") -> list
     out: list[set[int]] = [set() for _ in weights]
     for i in range(n):
         key = f"user-{i}"
-        out[allocation.arm_of(bucket(salt, key))].add(unit_id(key))
+        out[allocation.arm_of(bucket(salt, key))].add(unit(salt, key)[1])
     return out
 
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from serving.experiments.stats import (HIST_RATIO, ArmStats, ExperimentStats, LatencyHistogram, Moments, unit_id)
+from serving.experiments.stats import (HIST_RATIO, ArmStats, ExperimentStats, LatencyHistogram, Moments)
+from serving.experiments.assign import unit
 
 HALF_BUCKET = math.sqrt(HIST_RATIO)  # the most a bucket's geometric middle is off from a value in it
 
@@ -122,11 +123,11 @@ def sample_arm(seed: int, units: range) -> ArmStats:
 
 def test_arm_stats_record_request_counts():
     s = ArmStats()
-    s.record_request(0.01, unit=unit_id("alice"))
-    s.record_request(0.02, unit=unit_id("alice"), error_code=500)
+    s.record_request(0.01, unit=unit("s", "alice")[1])
+    s.record_request(0.02, unit=unit("s", "alice")[1], error_code=500)
     s.record_request(0.03, unit=None, error_code=500)
     assert (s.requests, s.anonymous_requests, s.errors, s.latency.n) == (3, 1, 2, 3)
-    assert s.units == {unit_id("alice")} and s.error_codes == {"500": 2}
+    assert s.units == {unit("s", "alice")[1]} and s.error_codes == {"500": 2}
     assert not s.is_empty() and ArmStats().is_empty()
 
 
@@ -179,9 +180,3 @@ def test_experiment_stats_merge_by_phase():
     with pytest.raises(ValueError, match="phase 3"):
         total.merge(ExperimentStats(phase=3).to_dict())
     assert ExperimentStats(phase=1).is_empty() and not total.is_empty()
-
-
-def test_unit_id_is_stable():
-    # SHA-256 of "alice", first 8 bytes big-endian: the same in every process
-    assert unit_id("alice") == int("2bd806c97f0e00af", 16)
-    assert 0 <= unit_id("bob") < 2 ** 64 and unit_id("bob") != unit_id("alice")

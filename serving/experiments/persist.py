@@ -21,6 +21,7 @@ import secrets
 from pathlib import Path
 
 from adapters_store import AdapterStore
+from adapters_store.store import _fsync_dir
 
 from .spec import Experiment
 
@@ -177,10 +178,3 @@ class ExperimentStore:
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

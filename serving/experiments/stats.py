@@ -13,18 +13,12 @@ and the JSON round trip (dict keys that were ints come back as strings).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
 HIST_FLOOR_S = 1e-6  # the lower edge of bucket 1; bucket 0 also holds everything below
 HIST_RATIO = 1.02
 _LOG_RATIO = math.log(HIST_RATIO)
-
-
-def unit_id(key: str) -> int:
-    """A unit key's 64-bit id for ArmStats.units (SHA-256; the same in every process, unlike hash())."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big")
 
 
 def _finite(value: float, what: str) -> float:
@@ -161,7 +155,7 @@ class ArmStats:
     error_codes: dict[str, int] = field(default_factory=dict)  # str(code) -> count
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     outcomes: Moments = field(default_factory=Moments)
-    units: set[int] = field(default_factory=set)  # unit_id() of each distinct unit key
+    units: set[int] = field(default_factory=set)  # each distinct unit's 64-bit hash (assign.unit)
     units_capped: bool = False  # some unit was left out by the cap: `units` undercounts
     shadow_run: int = 0
     shadow_dropped: int = 0
