@@ -13,14 +13,19 @@ fixed number of rows refused bursts on an idle server (`make serve`, 48 rows: 80
 18 x 429, 256 got 208) although the model worked them off in about 2 s; counting the wait instead admits what
 the model can finish in time however fast it is, and a sustained overload is shed as soon as its backlog
 outgrows max_wait_s (the rate is known after min_busy_s of work). Until then (a start, a burst after a quiet
-spell of window_s) the limit is max_pending_rows; `min_rows` (the ingress: max_batch_size) is always
+spell of window_s) the limit is max_pending_rows; `min_rows` (the ingress: ServeConfig.admission_floor) is always
 admitted, whatever the rate says, so one batch's worth never waits for an estimate that a trickle of traffic
 made low. max_wait_s 0: a fixed limit of max_pending_rows rows. The front gate (serving/app/gate.py) applies
 the same rule to requests.
 
+The rate is measured only while the model is loaded: rows answered, per second, while at least `min_rows`
+rows were at the model. Below that every request is admitted anyway, and a light load measures latency, not
+throughput: idle time, a trickle of one-row calls and the first call after a start (which loads its adapter and
+warms the model: over a second on a slow CI machine, so the rate came out at 1 row/s and a burst right after
+it was refused with Retry-After 60) say nothing about how fast a backlog drains.
+
 Retry-After is the time the model needs to work off the rows already admitted plus one row for each client
-refused since the last advice went out, at the rate this replica has seen the model complete rows while it had
-rows there (idle time does not count, so a quiet spell does not make the model look slow):
+refused since the last advice went out, at that rate:
 
     retry_after = ceil((pending_rows + recent_refusals) / rows_per_busy_s), clamped to [min_s, max_s]
 
@@ -104,11 +109,11 @@ class Admission:
         self.window_s, self.min_busy_s = window_s, min_busy_s
         self.clock = clock
         self.pending_rows = 0  # rows sent to the model and not answered yet
-        self._completed: deque[tuple[float, int]] = deque()  # (time, rows) of answered calls, last window_s
+        self._completed: deque[tuple[float, int]] = deque()  # (time, rows) of calls answered loaded, last window_s
         self._completed_rows = 0  # their rows
-        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of spells with rows pending, last window_s
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of loaded spells, last window_s
         self._busy_s = 0.0  # their length
-        self._busy_since: float | None = None  # start of the current spell, None while nothing is pending
+        self._busy_since: float | None = None  # start of the current loaded spell, None while not loaded
         self._refused: OrderedDict[Hashable, float] = OrderedDict()  # client -> its last refusal, oldest first
         self._per_host: dict[Hashable, int] = {}  # host -> its clients in _refused
         self._counted = 0  # clients the advice counts: sum over hosts of min(its clients, MAX_WAITING_PER_HOST)
@@ -145,26 +150,26 @@ class Admission:
         return min(self.max_pending_rows, max(self.min_rows, math.floor(rate * self.max_wait_s) + 1))
 
     def admit(self, rows: int) -> None:
-        if self.pending_rows == 0:
-            self._busy_since = self.clock()
         self.pending_rows += rows
+        if self._busy_since is None and self.pending_rows >= self.min_rows:
+            self._busy_since = self.clock()
 
     def done(self, rows: int, answered: bool = True) -> None:
-        """`rows` admitted rows came back: answered by the model (they count towards its rate), or not
-        (refused by its queue, unavailable, cancelled)."""
+        """`rows` admitted rows came back: answered by the model (they count towards its rate when they came
+        back while it was loaded), or not (refused by its queue, unavailable, cancelled)."""
         now = self.clock()
-        self.pending_rows -= rows
-        if answered:
+        if answered and self._busy_since is not None:
             self._completed.append((now, rows))
             self._completed_rows += rows
-        if self.pending_rows == 0 and self._busy_since is not None:
+        self.pending_rows -= rows
+        if self._busy_since is not None and self.pending_rows < self.min_rows:
             self._busy.append((self._busy_since, now))
             self._busy_s += now - self._busy_since
             self._busy_since = None
 
     def rows_per_s(self) -> float | None:
-        """Rows completed per second of busy time (rows pending) over the last window_s; None while it holds
-        no completed row or less than min_busy_s of busy time. Constant time (running sums): `full` asks it for
+        """Rows completed per second of loaded time (at least min_rows pending) over the last window_s; None
+        while it holds no completed row or less than min_busy_s of loaded time. Constant time (running sums): `full` asks it for
         every request while the server is loaded."""
         now = self.clock()
         start = now - self.window_s

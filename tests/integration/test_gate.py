@@ -289,11 +289,13 @@ def test_the_gate_admits_by_expected_wait_in_requests_as_the_ingress_does_in_row
         app.release.set()
         await asyncio.gather(*held)
         app.release.clear()
-        now[0] += 11  # those answers leave the window; then 20 answers a second for 2 s
+        now[0] += 11  # those answers leave the window; then 20 answers a second for 2 s, loaded (4 out)
+        adm.admit(3)
         for _ in range(40):
             adm.admit(1)
             now[0] += 0.05
             adm.done(1)
+        adm.done(3, answered=False)
         assert adm.rows_per_s() == pytest.approx(20)
         held = [asyncio.create_task(_call(gate)) for _ in range(11)]
         await asyncio.sleep(0.01)
