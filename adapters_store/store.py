@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import listing, tombstones
+from . import listing, raystore, tombstones
 from .errors import AdapterError
 from .names import check_name
 from .tombstones import listdir
@@ -140,13 +140,16 @@ class AdapterStore:
         if "://" in root and not root.startswith("file://"):
             import fsspec
 
+            if root.startswith(raystore.PROTOCOL + "://"):
+                raystore.register()
             try:
                 self._fs, path = fsspec.core.url_to_fs(root)
             except (ImportError, ValueError) as exc:
                 raise AdapterError(f"adapter store {root}: cannot open it: {exc}") from exc
             self._base = path.rstrip("/")
             cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-            self.cache_dir = Path(cache_dir) if cache_dir else Path(cache) / "polyhead" / "remote-adapters"
+            default = getattr(self._fs, "cache_dir", None) or Path(cache) / "polyhead" / "remote-adapters"
+            self.cache_dir = Path(cache_dir) if cache_dir else default
         else:
             self.root = Path(root.removeprefix("file://")).expanduser().absolute()
             self.cache_dir = None

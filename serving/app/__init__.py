@@ -40,17 +40,24 @@ def build_app(config: ServeConfig | dict | str | Path | None = None):
             request_router_class="serving.app.router:AffinityRouter",
             request_router_kwargs={"homes": cfg.affinity_homes, "capacity_rows": 2 * cfg.max_batch_size},
             request_routing_stats_period_s=0.5)
+    replicas = {"num_replicas": cfg.num_replicas}
+    if cfg.autoscaling is not None:  # Serve refuses num_replicas beside autoscaling_config
+        from .autoscale import serve_autoscaling_config
+
+        replicas = {"autoscaling_config": serve_autoscaling_config(cfg.autoscaling, cfg.max_batch_size)}
     model = ModelServer.options(
-        num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": cfg.replica_gpus()},
+        ray_actor_options={"num_cpus": cfg.replica_cpus(), "num_gpus": cfg.replica_gpus(),
+                           "resources": dict(cfg.replica_resources)},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         logging_config={"log_level": cfg.log_level},
+        **replicas,
         **routing,
     ).bind(data)
     # the ingress only waits on the model: it must never queue in Ray's proxy (which answers in plain text)
     # no access log of Serve's own: the ingress logs each request (serving/app/logs.py)
-    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=1000,
+    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus,
+                                              "resources": dict(cfg.ingress_resources)}, max_ongoing_requests=1000,
                            logging_config={"enable_access_log": False, "log_level": cfg.log_level},
                            ).bind(model, data)
 

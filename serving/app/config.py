@@ -26,6 +26,36 @@ class AdapterSource(BaseModel):
     labels: list[str] | None = None
 
 
+class Autoscaling(BaseModel):
+    """Model replicas scaled by Ray Serve between min_replicas and max_replicas on the rows queued at them
+    (serving/app/autoscale.py). Delays and look-back default to Ray Serve's own defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # at least 1: the ingress asks a model replica for its limits when it starts, and /ready asks one
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(ge=1)
+    initial_replicas: int | None = Field(None, ge=1)  # replicas when first deployed; None: min_replicas
+    # rows queued per replica (admitted at it, not answered yet) the replica count aims at; None: max_batch_size.
+    # A replica with one batch of rows is busy but keeps up (rows arriving during a forward join the next one);
+    # beyond it, rows wait a whole forward more. Keep it below max_queue_wait_s x a replica's rows per second, or
+    # admission refuses rows (429) before a replica's queue reaches it (docs/operations.md#autoscaling)
+    target_queued_rows: int | None = Field(None, ge=1)
+    upscale_delay_s: float = Field(30.0, ge=0, le=3600)  # more replicas once wanted for this long
+    downscale_delay_s: float = Field(600.0, ge=0, le=86400)  # fewer once wanted for this long
+    # Serve averages each replica's queued rows over this window; replicas (and the ingress's handles) report to
+    # Serve's controller every third of it, at most every 10 s
+    look_back_period_s: float = Field(30.0, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must be within min_replicas "
+                             f"({self.min_replicas}) and max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -99,6 +129,9 @@ class ServeConfig(BaseModel):
     # process on a core stalls the whole forward, while separate replicas lose only the time taken. A lone
     # long row is slower on one thread (128 tokens: 41 vs 27 ms in-process).
     num_replicas: int = Field(1, ge=1)
+    # model replicas scaled by Ray Serve on the rows queued at them (Autoscaling above, serving/app/autoscale.py);
+    # None: a fixed num_replicas. With it, num_replicas is max_replicas (_autoscaled_replicas)
+    autoscaling: Autoscaling | None = None
     # which replica each model call goes to: Ray's default (power of two choices, by queue length), or "affinity":
     # each adapter's rows concentrate on the replicas that hold it, then on its affinity_homes home replicas
     # (bounded-load consistent hashing; serving/app/router.py, serving/app/affinity.py)
@@ -113,6 +146,12 @@ class ServeConfig(BaseModel):
     num_cpus: float | None = Field(None, ge=0)  # Ray CPUs of each model replica; None: num_threads
     num_gpus: float | None = Field(None, ge=0)  # Ray GPUs of each model replica; None: 1 on cuda devices, else 0
     ingress_num_cpus: float = Field(0.1, ge=0)
+    # Ray custom resources each replica needs (ray_actor_options.resources): where replicas may run on a cluster,
+    # e.g. ingress_resources {"node:__internal_head__": 0.01} keeps the ingress on the head node (a worker
+    # node's loss then loses no request the ingress holds), replica_resources {"polyhead_model": 1} keeps model
+    # replicas on the nodes started with that resource
+    ingress_resources: dict[str, float] = Field(default_factory=dict)
+    replica_resources: dict[str, float] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     # `polyhead serve` (serving.app.run): the ingress replica answers HTTP on host:port itself (Ray Serve's
@@ -280,6 +319,24 @@ class ServeConfig(BaseModel):
         if self.max_retry_after_s < self.retry_after_s:
             raise ValueError(f"max_retry_after_s ({self.max_retry_after_s}) must be >= retry_after_s "
                              f"({self.retry_after_s})")
+        return self
+
+    @model_validator(mode="after")
+    def _autoscaled_replicas(self):
+        """With autoscaling, num_replicas is max_replicas: what every size computed from it must allow for (the
+        ingress's admission floor and pending-row limit, its coalescing, the CPUs `polyhead serve` gives Ray).
+        The admission floor (admission_floor: 3/4 of a batch per replica, admitted whatever the measured rate) then
+        lets about 3/4 x max_replicas batches queue: enough rows for the policy to call for more replicas where the
+        rate alone (rows worked off within max_queue_wait_s by the replicas running now) would refuse them first.
+        The replicas running now are not known here (Serve's controller decides them)."""
+        if self.autoscaling is None:
+            return self
+        top = self.autoscaling.max_replicas
+        if "num_replicas" in self.model_fields_set and self.num_replicas != top:
+            raise ValueError(f"num_replicas ({self.num_replicas}) is a fixed replica count; with autoscaling the "
+                             f"replicas run from min_replicas to max_replicas ({top}): leave num_replicas out or "
+                             f"set it to {top}")
+        self.num_replicas = top
         return self
 
     def resolved_base_dir(self) -> str:

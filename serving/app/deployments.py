@@ -107,6 +107,8 @@ class ModelServer:
         self._inflight: dict[str | None, int] = {}  # admitted rows per engine key, drained before an unload
         self._batches = 0
         self.loads = 0
+        self.rows = 0  # rows run here
+        self.adapter_rows = 0  # rows naming an adapter run here (the hit rate: 1 - loads / adapter_rows)
         self.draining = False  # set by Serve's graceful shutdown (__del__): /ready answers 503
         self._run_batch.set_max_batch_size(cfg.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -118,6 +120,9 @@ class ModelServer:
         self.metrics = Recorder(MODEL_SERIES)
         self._engine_counts: dict[str, int] = {}  # engine counters already added to the metrics
         self._record_engine(self._engine_thread.submit(self.engine.stats).result())
+        self.metrics.replica_rows.set(0)
+        self.metrics.replica_adapter_rows.set(0)
+        self.metrics.replica_adapter_loads.set(0)
         self.pusher = MetricsPusher.in_replica(self.metrics, cfg.metrics_push_s)
         # versions removed through another replica or the CLI leave this engine too (serving/app/convergence.py)
         self.watch = StoreWatch(store, cfg.store_ttl_s, self.converge, self.registrations.lookup)
@@ -198,6 +203,11 @@ class ModelServer:
             row = dict(row, input_ids=ids, truncated_to=len(ids))
         generation = loaded.generation if loaded is not None else 0
         self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the checks above: atomic
+        self.rows += 1
+        self.metrics.replica_rows.set(self.rows)
+        if key is not None:
+            self.adapter_rows += 1
+            self.metrics.replica_adapter_rows.set(self.adapter_rows)
         try:
             if self._computing:  # continuous batching: wait for the running batch, then join the next one
                 await self._engine_free.wait()
@@ -285,6 +295,7 @@ class ModelServer:
         for instrument, field in ((m.slot_loads, "loads"), (m.slot_evictions, "evictions"), (m.forwards, "forwards")):
             instrument.inc(stats[field] - self._engine_counts.get(field, 0))
             self._engine_counts[field] = stats[field]
+        m.replica_slot_evictions.set(stats["evictions"])
         m.resident_slots.set(stats["resident"])
         m.max_slots.set(stats["max_slots"])
         m.registered_adapters.set(stats["registered"])
@@ -323,6 +334,7 @@ class ModelServer:
         self._loaded[found.key] = found
         self.loads += 1
         self.metrics.adapter_loads.inc()
+        self.metrics.replica_adapter_loads.set(self.loads)
         self.metrics.adapter_load_seconds.observe(load_s)
         self._record_engine(await self._on_engine(self.engine.stats))
         return load_s
@@ -484,6 +496,11 @@ class ModelServer:
             resident.add(found.name)
         return {"resident": sorted(resident), "queued_rows": sum(self._inflight.values()),
                 "capacity_rows": 2 * self.cfg.max_batch_size}
+
+    def record_autoscaling_stats(self) -> dict:
+        """What Serve's autoscaling policy (serving/app/autoscale.py) scales on, recorded by Serve a few times per
+        look-back window when ServeConfig.autoscaling is set. Rows, not requests: one call may carry 1 or 256."""
+        return {"queued_rows": sum(self._inflight.values())}
 
     def info(self) -> dict:
         """What the ingress needs to know (and its /ready asks): limits, and whether this replica drains."""

@@ -42,6 +42,7 @@ from .heaptrim import HeapTrim
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label, polyhead_version
 from .openapi import unknown_route_message
+from .router import RouterMetrics
 from .routing import UnknownModel, resolve_model
 from .tagging import pieces, tag_entities
 from .tokens import TextEncoder
@@ -152,6 +153,7 @@ class Ingress(AdapterRoutes, ExperimentRoutes):  # + admin routes: adapter_route
         self.shutting_down = False  # Serve stops this replica (__del__)
         self.drain_requested = False  # an operator asked (user_config {"draining": true}, see reconfigure)
         self.metrics = Recorder(INGRESS_SERIES)
+        self.metrics.collectors.append(RouterMetrics())  # request_router affinity: routed outcomes, homes
         self.metrics.build_info.labels(polyhead_version()).set(1)
         self.pusher = MetricsPusher.in_replica(self.metrics, self.cfg.metrics_push_s)
         self.heap_trim = HeapTrim(asyncio.to_thread)

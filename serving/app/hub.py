@@ -14,10 +14,11 @@ replica and answers their combination, rendered with prometheus-client:
 
 Values are cumulative, so a lost or repeated push cannot skew a sum; each push carries the replica's
 sequence number, and a late one (a push that timed out, say while the hub started) is ignored.
-The hub is created by the first replica that looks for it and lives as long as that replica (Ray ties
-an actor to its creator); if it goes, the next push creates a new one, and the hub's new epoch makes
-every replica send all its values again (the stopped replicas' history is then lost, as when a
-Prometheus target restarts).
+The hub is created, on its own node, by the first ingress replica (or gate) that looks for it, and lives as
+long as that replica (Ray ties an actor to its creator); model replicas only look it up (hub_handle), so the
+loss of a worker node and its model replicas keeps the hub and their final counts. If the hub goes, the next
+push creates a new one, and the hub's new epoch makes every replica send all its values again (the stopped
+replicas' history is then lost, as when a Prometheus target restarts).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from prometheus_client.metrics_core import Metric
 from .metrics import ALL_SERIES, HUB_SERIES, Recorder
 
 HEARTBEAT_S = 5.0
+MODEL_DEPLOYMENT = "ModelServer"  # its replicas never create the hub (hub_handle)
 FORGET_GRACE_S = 60.0  # after a delete, late rows (admitted before it, drained up to 30 s) recreate no series
 WARN_EVERY_S = 60.0
 _SUFFIX_ORDER = {"_bucket": 0, "_count": 1, "_sum": 2}
@@ -222,6 +224,8 @@ class MetricsPusher:
             try:
                 self.recorder.refresh_gauges()
                 await self.push()
+            except NoHubYet:  # the ingress creates it; everything is sent once it exists
+                continue
             except Exception as exc:  # noqa: BLE001 - metrics never take a replica down
                 if time.monotonic() - warned >= WARN_EVERY_S:
                     warned = time.monotonic()
@@ -258,7 +262,7 @@ class MetricsPusher:
 
     async def _hub_handle(self):
         if self._hub is None:
-            self._hub = await asyncio.to_thread(hub_handle, self.app_name)
+            self._hub = await asyncio.to_thread(hub_handle, self.app_name, self.deployment != MODEL_DEPLOYMENT)
         return self._hub
 
     async def forget_adapter(self, name: str) -> None:
@@ -282,6 +286,23 @@ class MetricsPusher:
         return await asyncio.wait_for(hub.exposition.remote(), timeout_s)
 
 
-def hub_handle(app_name: str):
-    """The app's hub, created if it does not exist yet (blocking: call it off the event loop)."""
-    return MetricsHubActor.options(name=hub_name(app_name), get_if_exists=True).remote()
+class NoHubYet(LookupError):
+    """A model replica looked for the hub before any ingress replica created it."""
+
+
+def hub_handle(app_name: str, create: bool = True):
+    """The app's hub, created if it does not exist yet and `create` (blocking: call it off the event loop).
+
+    Only ingress replicas and gates create it, on their own node: an actor dies with the process that created it
+    (and with its node), and on a cluster the ingress stays on the head (ServeConfig.ingress_resources) while a
+    worker node and its model replicas may go. A hub created by a model replica went with it, and took every
+    stopped replica's counts with it: /metrics sums went down after a node loss."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not create:
+        try:
+            return ray.get_actor(hub_name(app_name))
+        except ValueError:
+            raise NoHubYet(hub_name(app_name)) from None
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # soft: anywhere
+    return MetricsHubActor.options(name=hub_name(app_name), get_if_exists=True, scheduling_strategy=here).remote()

@@ -81,6 +81,13 @@ INGRESS_SERIES = {
                         ("experiment", "arm"), aggregate="max"),
     "ab_rolled_back": Series("polyhead_experiment_rolled_back", "gauge", "1 for an arm a guardrail rolled back to "
                              "weight 0", ("experiment", "arm"), aggregate="max"),
+    "affinity_routed": Series("polyhead_affinity_routed", "counter", "infer calls the affinity request router "
+                              "(request_router: affinity) sent to a replica: hit (the adapter was resident there), "
+                              "miss (a home replica that had to load it), spill (neither: its homes were "
+                              "saturated), unpinned (base rows, several adapters)", ("outcome",)),
+    "adapter_homes": Series("polyhead_adapter_homes", "gauge", "adapter versions resident on this many model "
+                            "replicas (label homes), as the affinity router last saw them", ("homes",),
+                            aggregate="max"),
     "model_call_rows": Series("polyhead_model_call_rows", "histogram", "rows per call from the ingress to the model "
                               "deployment (concurrent requests share calls: serving/app/coalesce.py)", (),
                               SIZE_BUCKETS),
@@ -107,6 +114,15 @@ MODEL_SERIES = {
                                   "replica's engine (label replica)", aggregate="replica"),
     "slot_bytes": Series("polyhead_slot_bytes", "gauge", "bytes held by one model replica's slot tensors (label "
                          "replica)", aggregate="replica"),
+    "replica_rows": Series("polyhead_replica_rows", "gauge", "rows one model replica has run since it started "
+                           "(label replica): how the router spread them", aggregate="replica"),
+    "replica_adapter_rows": Series("polyhead_replica_adapter_rows", "gauge", "rows naming an adapter that one model "
+                                   "replica has run since it started (label replica); its adapter hit rate is "
+                                   "1 - polyhead_replica_adapter_loads / this", aggregate="replica"),
+    "replica_adapter_loads": Series("polyhead_replica_adapter_loads", "gauge", "adapter versions one model replica "
+                                    "has loaded since it started (label replica)", aggregate="replica"),
+    "replica_slot_evictions": Series("polyhead_replica_slot_evictions", "gauge", "adapters one model replica has "
+                                     "evicted from its slots since it started (label replica)", aggregate="replica"),
     "broken_versions": Series("polyhead_broken_adapter_versions", "gauge", "published adapter versions the store "
                               "cannot read back (skipped by listings; remove them), as of the last listing",
                               aggregate="max"),
@@ -223,9 +239,14 @@ class Recorder:
         self.instruments = {attr: Instrument(s, self.registry, ray_export) for attr, s in series.items()}
         for attr, instrument in self.instruments.items():
             setattr(self, attr, instrument)
+        self.collectors: list = []  # callables refresh_gauges runs first: values kept elsewhere, copied in
+
 
     def refresh_gauges(self) -> None:
-        """Every gauge's value written to Ray's export again (MetricsPusher does it each interval)."""
+        """The collectors' values copied in, then every gauge's value written to Ray's export again
+        (MetricsPusher does it each interval)."""
+        for collect in self.collectors:
+            collect(self)
         for instrument in self.instruments.values():
             if instrument.series.kind == "gauge":
                 for child in instrument._children.values():

@@ -8,6 +8,9 @@ describe_adapter, add_adapter, ...) and multi-adapter or base rows spread by loa
 """
 from __future__ import annotations
 
+import collections
+import time
+import weakref
 from typing import Any, Iterable, List, Mapping, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -16,6 +19,8 @@ from .affinity import AffinityPolicy, AffinityStats, ReplicaState, choose, homes
 
 ROUTED_METHOD = "infer_rows"
 DEFAULT_CAPACITY_ROWS = 64
+OUTCOMES = ("hit", "miss", "spill", "unpinned")
+_ROUTERS: weakref.WeakSet = weakref.WeakSet()  # this process's affinity routers (one per handle)
 
 
 def routing_inputs(stats: Iterable[tuple[str, Mapping[str, Any] | None]], rows: Any,
@@ -49,6 +54,12 @@ class AffinityRouter(RequestRouter):
         self.capacity_rows = capacity_rows
         self.stats = AffinityStats()  # in this (ingress) process: what it routed
         self._last: dict[str, ReplicaState] = {}
+        self._last_at = 0.0  # when _last was seen (several handles: the newest one says which replicas run)
+        # Serve cloudpickles this class by value: its methods see a copy of this module's globals, not the
+        # module process_stats reads. The imported module is the one.
+        from serving.app import router as module
+
+        module._ROUTERS.add(self)
 
     def _ensure_state(self) -> None:
         if not hasattr(self, "policy"):  # initialize_state not called (no kwargs)
@@ -63,6 +74,7 @@ class AffinityRouter(RequestRouter):
         key, states = routing_inputs(((i, r.routing_stats) for i, r in by_id.items()), _rows(pending_request),
                                      self.capacity_rows)
         self._last = {s.replica_id: s for s in states}
+        self._last_at = time.monotonic()
         return [[by_id[i] for i in rank] for rank in choose(key, states, self.policy)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
@@ -73,3 +85,45 @@ class AffinityRouter(RequestRouter):
         key, _ = routing_inputs((), _rows(pending_request), self.capacity_rows)
         self.stats.record(key, chosen, homes(key, list(self._last.values()), self.policy) if key else ())
 
+
+
+def process_stats() -> tuple[dict[str, int], dict[int, int]]:
+    """Over this process's affinity routers: calls routed by outcome (OUTCOMES), and {k: adapter versions
+    resident on k replicas} from the replicas' last routing stats ({} without an affinity router)."""
+    routed = dict.fromkeys(OUTCOMES, 0)
+    routers = list(_ROUTERS)
+    for router in routers:
+        s = router.stats
+        routed["hit"] += s.hits
+        routed["miss"] += s.misses - s.spills
+        routed["spill"] += s.spills
+        routed["unpinned"] += s.unpinned
+    resident: dict[str, set[str]] = {}
+    newest = max(routers, key=lambda r: r._last_at, default=None)  # another handle's view may predate a replica's loss
+    for state in newest._last.values() if newest is not None else ():
+        for ref in state.resident:
+            if "@" in ref:  # a store version (its bare name is reported too); static adapters: no homes count
+                resident.setdefault(ref, set()).add(state.replica_id)
+    return routed, dict(collections.Counter(len(r) for r in resident.values()))
+
+
+class RouterMetrics:
+    """A Recorder collector (Recorder.collectors): the ingress's affinity_routed counter and adapter_homes gauge
+    follow process_stats()."""
+
+    def __init__(self):
+        self._counted = dict.fromkeys(OUTCOMES, 0)
+        self._homes: set[int] = set()
+
+    def __call__(self, recorder) -> None:
+        routed, homes = process_stats()
+        if not _ROUTERS:
+            return
+        for outcome, n in routed.items():
+            recorder.affinity_routed.labels(outcome).inc(max(0, n - self._counted[outcome]))
+            self._counted[outcome] = max(n, self._counted[outcome])
+        for k in self._homes - homes.keys():
+            recorder.adapter_homes.labels(str(k)).set(0)
+        for k, n in homes.items():
+            recorder.adapter_homes.labels(str(k)).set(n)
+        self._homes |= homes.keys()

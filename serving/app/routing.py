@@ -163,6 +163,8 @@ class Registry:
                 raise AdapterError(f"adapter {name!r} is configured statically (config `adapters`); "
                                    "publish store adapters under another name")
         found = self.store.add(name, source, schema=schema, labels=labels, max_rank=max_rank, policy=policy)
+        if not self.store.is_local:  # loaded from this node's cache, fetched back from the store (hashes checked)
+            found = dataclasses.replace(self.store.resolve(found.ref), warnings=found.warnings)
         resolved = self._from_store(name, found)
         with self._lock:
             self._cache[name] = (resolved, time.monotonic() + self.ttl_s)

@@ -89,7 +89,11 @@ def test_build_app_gives_the_model_deployment_its_replicas_and_resources():
     ingress = app._bound_deployment  # Ray's Application: Ingress bound to (ModelServer app, config)
     model = ingress.init_args[0]._bound_deployment
     assert (ingress.name, model.name) == ("Ingress", "ModelServer")
-    assert model.num_replicas == 3 and model.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}
+    assert model.num_replicas == 3 and model.ray_actor_options == {"num_cpus": 1, "num_gpus": 0, "resources": {}}
+    pinned = build_app({"num_threads": 1, "adapters": {}, "ingress_resources": {"node:__internal_head__": 0.01},
+                        "replica_resources": {"polyhead_model": 1}})._bound_deployment
+    assert pinned.ray_actor_options["resources"] == {"node:__internal_head__": 0.01}
+    assert pinned.init_args[0]._bound_deployment.ray_actor_options["resources"] == {"polyhead_model": 1}
 
 
 @pytest.mark.parametrize("fields, message", [
