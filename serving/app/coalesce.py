@@ -6,6 +6,11 @@ time; requests arriving while that many are out wait here and leave together, as
 `max_rows` rows (a request is never split: one with more rows goes alone), as soon as a call returns. A lone
 request on an idle server leaves at once, so this adds no latency where there is no queue.
 
+With `key` (request_router affinity: the adapter a call is routed by, serving/app/affinity.py request_key), a
+call carries only requests of one key: a call mixing two adapters has no home replica and would be spread by load,
+so coalescing would undo the affinity. The oldest waiting request picks the key; later requests of that key join it
+ahead of older ones of other keys, which leave in the next call.
+
 Results come back per request, in order; per-row errors stay in the rows. An exception of a call (refused
 by the model's queue limit, the model unavailable) is raised to every request in it. A request cancelled
 while it waits here never leaves; a call whose requests have all been cancelled is cancelled too.
@@ -13,6 +18,7 @@ while it waits here never leaves; a call whose requests have all been cancelled 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,19 +28,22 @@ from typing import Any, Callable
 class _Waiting:
     rows: list
     future: asyncio.Future = field(repr=False)
+    key: Any = None
 
 
 class Coalescer:
     def __init__(self, send: Callable[[list], Any], max_calls: int, max_rows: int,
-                 cancel: Callable[[Any], None] | None = None, window_s: float = 0.0, busy_calls: int = 1):
+                 cancel: Callable[[Any], None] | None = None, window_s: float = 0.0, busy_calls: int = 1,
+                 key: Callable[[list], Any] | None = None):
         """send(rows) starts one call and returns what to await for its results (one per row, in order);
         cancel(call) gives up a started call. max_calls 0: no limit on calls out. window_s > 0: while at least
         busy_calls calls are out (the model's replicas are all busy), a request waits up to window_s for others
-        to share its call (max_rows of them leave at once)."""
+        to share its call (max_rows of them leave at once). key(rows): requests of different keys never share a
+        call."""
         if max_calls < 0 or max_rows < 1 or window_s < 0 or busy_calls < 1 or not (max_calls or window_s):
             raise ValueError(f"need max_calls >= 0, max_rows >= 1, window_s >= 0, busy_calls >= 1 and max_calls or "
                              f"window_s set, got {max_calls}, {max_rows}, {window_s} and {busy_calls}")
-        self._send, self._cancel = send, cancel
+        self._send, self._cancel, self._key = send, cancel, key
         self.max_calls, self.max_rows, self.window_s, self.busy_calls = max_calls, max_rows, window_s, busy_calls
         self._queue: deque[_Waiting] = deque()
         self._queued_rows = 0
@@ -44,7 +53,8 @@ class Coalescer:
 
     async def submit(self, rows: list) -> list:
         """The results of `rows` (one per row), from a call they share with other requests' rows."""
-        waiting = _Waiting(rows, asyncio.get_running_loop().create_future())
+        waiting = _Waiting(rows, asyncio.get_running_loop().create_future(),
+                           self._key(rows) if self._key is not None else None)
         self._queue.append(waiting)
         self._queued_rows += len(rows)
         self._schedule()
@@ -71,22 +81,43 @@ class Coalescer:
             self._timer.cancel()
             self._timer = None
         while not self.max_calls or self.out < self.max_calls:
-            group, n = [], 0
-            while self._queue:
-                head = self._queue[0]
-                if head.future.done():  # cancelled while it waited
-                    self._queued_rows -= len(self._queue.popleft().rows)
-                    continue
-                if group and n + len(head.rows) > self.max_rows:
-                    break
-                group.append(self._queue.popleft())
-                n += len(head.rows)
-            self._queued_rows -= n
+            group = self._next_group()
             if not group:
                 return
             self.out += 1
             self.calls += 1
-            asyncio.get_running_loop().create_task(self._call(group))
+            # a context of its own: the task would inherit the Serve request context of whichever request started
+            # it, and every call it starts would carry that request's internal id; Serve's router matches a chosen
+            # replica to its request by that id, so calls sharing one were lost (the affinity router, which has no
+            # FIFO fallback, left them waiting forever)
+            asyncio.get_running_loop().create_task(self._call(group), context=contextvars.Context())
+
+    def _next_group(self) -> list[_Waiting]:
+        """The next call's requests, oldest first: at most max_rows rows (a larger request alone), all of the oldest
+        waiting request's key; taken off the queue."""
+        queue = self._queue
+        while queue and queue[0].future.done():  # cancelled while it waited
+            self._queued_rows -= len(queue.popleft().rows)
+        if not queue:
+            return []
+        key = queue[0].key
+        group, n, left = [], 0, deque()
+        while queue:
+            w = queue.popleft()
+            if w.future.done():
+                self._queued_rows -= len(w.rows)
+            elif w.key != key:
+                left.append(w)
+            elif group and n + len(w.rows) > self.max_rows:
+                left.append(w)
+                break
+            else:
+                group.append(w)
+                n += len(w.rows)
+        left.extend(queue)
+        self._queue = left
+        self._queued_rows -= n
+        return group
 
     async def _call(self, group: list[_Waiting]) -> None:
         rows = [row for w in group for row in w.rows]

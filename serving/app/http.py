@@ -42,7 +42,7 @@ from .heaptrim import HeapTrim
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label, polyhead_version
 from .openapi import unknown_route_message
-from .router import RouterMetrics
+from .router import RouterMetrics, routing_key
 from .routing import UnknownModel, resolve_model
 from .tagging import pieces, tag_entities
 from .tokens import TextEncoder
@@ -161,8 +161,9 @@ class Ingress(AdapterRoutes, ExperimentRoutes):  # + admin routes: adapter_route
         self.admission = Admission.of(self.cfg)
         self.gate_config = self._gate_config()
         calls, window_s = self.cfg.max_model_calls, self.cfg.coalesce_window_ms / 1000
+        key = routing_key if self.cfg.request_router == "affinity" else None  # one adapter per call: its home
         self.coalescer = (Coalescer(self._send_rows, calls, self.cfg.max_batch_size, _cancel, window_s,
-                                    busy_calls=self.cfg.num_replicas) if calls or window_s else None)
+                                    busy_calls=self.cfg.num_replicas, key=key) if calls or window_s else None)
         self._init_experiments()
 
     def reconfigure(self, user_config: dict) -> None:

@@ -39,6 +39,12 @@ def routing_inputs(stats: Iterable[tuple[str, Mapping[str, Any] | None]], rows: 
     return key, states
 
 
+def routing_key(rows: list) -> str | None:
+    """The adapter an infer_rows call of these rows is routed by (the ingress's coalescer groups calls by it)."""
+    key, _ = routing_inputs((), rows, DEFAULT_CAPACITY_ROWS)
+    return key
+
+
 def _rows(pending_request: Optional[PendingRequest]) -> Any:
     if pending_request is None or pending_request.metadata.call_method != ROUTED_METHOD or not pending_request.args:
         return None

@@ -44,7 +44,7 @@ def main(work: Path, port: int, admin_key: str) -> None:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         cfg = {"num_replicas": 2, "request_router": "affinity", "affinity_homes": 1, "max_slots": 4,
                "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "max_ongoing_requests": 64,
-               "max_queued_requests": 512, "max_pending_rows": 512, "max_queue_wait_s": 0, "coalesce_window_ms": 0,
+               "max_queued_requests": 512, "max_pending_rows": 512, "max_queue_wait_s": 0,
                "num_threads": 1, "num_cpus": 0.5, "replica_resources": {"polyhead_model": 1},
                "ingress_num_cpus": 0.05, "ingress_resources": {"node:__internal_head__": 0.01},
                "admin_api_key": admin_key, "metrics_push_s": 0.2, "store_root": f"raystore://{work}/store",
@@ -66,12 +66,9 @@ def main(work: Path, port: int, admin_key: str) -> None:
                 break
             else:
                 say({"error": f"unknown command {command[0]!r}"})
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    finally:  # no graceful Serve shutdown (10-20 s here): the cluster goes with all its processes
+        ray.shutdown()
+        cluster.shutdown()
         say({"stopped": True})
 
 

@@ -29,8 +29,8 @@ def affine(request, proxy, adapter_dirs, tmp_path_factory):
     cfg = ServeConfig(num_replicas=2, request_router=request.param, affinity_homes=1, max_slots=2, max_batch_size=16,
                       batch_wait_timeout_s=0.02, max_ongoing_requests=64, max_queued_requests=256, num_threads=1,
                       num_cpus=0.5, ingress_num_cpus=0.05, admin_api_key=ADMIN_KEY, metrics_push_s=0.1,
-                      store_root=str(store), adapters={m: str(adapter_dirs[m]) for m in MODELS}, max_queue_wait_s=0,
-                      coalesce_window_ms=0)  # one model call per request: a coalesced call mixes adapters (unpinned)
+                      store_root=str(store), adapters={m: str(adapter_dirs[m]) for m in MODELS}, max_queue_wait_s=0)
+    # (with affinity, the ingress coalesces concurrent requests into calls of one adapter each: serving/app/coalesce.py)
     app, prefix = APPS[request.param]
     serve.run(build_app(cfg), name=app, route_prefix=prefix)
     try:

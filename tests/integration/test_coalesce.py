@@ -251,3 +251,43 @@ def test_window_waits_only_while_busy_calls_are_out():
         model.answer(2)
         assert (await first, await second, await third) == ([("done", "x")], [("done", "y")], [("done", "z")])
     run(main())
+
+
+def test_with_a_key_a_call_carries_one_key_and_the_oldest_request_picks_it():
+    """request_router affinity: requests for adapters a and b wait while a call is out; the next call carries the
+    oldest one's key (a) with every later a, then b's leave together; rows come back to their requests."""
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=1, max_rows=8, key=lambda rows: rows[0][0])
+        first = asyncio.create_task(co.submit(["x0"]))
+        await settle()
+        later = [asyncio.create_task(co.submit([name])) for name in ("a1", "b1", "a2", "b2", "b3", "a3")]
+        await settle()
+        model.answer(0)
+        assert await first == [("done", "x0")]
+        await settle()
+        assert model.calls[1] == ["a1", "a2", "a3"]
+        model.answer(1)
+        await settle()
+        assert model.calls[2] == ["b1", "b2", "b3"]
+        model.answer(2)
+        assert [await t for t in later] == [[("done", n)] for n in ("a1", "b1", "a2", "b2", "b3", "a3")]
+        assert co.calls == 3
+    run(main())
+
+
+def test_with_a_key_max_rows_still_bounds_a_call_and_order_is_kept_within_a_key():
+    async def main():
+        model = FakeModel()
+        co = Coalescer(model.send, max_calls=1, max_rows=2, key=lambda rows: rows[0][0])
+        first = asyncio.create_task(co.submit(["x"]))
+        await settle()
+        later = [asyncio.create_task(co.submit([name])) for name in ("a1", "b1", "a2", "a3", "b2")]
+        await settle()
+        for i, want in enumerate((["a1", "a2"], ["b1", "b2"], ["a3"]), start=1):
+            model.answer(i - 1)
+            await settle()
+            assert model.calls[i] == want
+        model.answer(3)
+        assert [await t for t in later] == [[("done", n)] for n in ("a1", "b1", "a2", "a3", "b2")]
+    run(main())
