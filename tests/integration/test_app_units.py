@@ -318,8 +318,16 @@ def test_rayservice_serve_config_is_a_valid_ray_serve_config_and_app_config():
     (container,) = worker["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in str(cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"])
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert any(cfg.store_root.startswith(m) for m in mounts)  # the store is on the shared volume
+    # the store is on the head pod's volume, reached by the workers through Ray (adapters_store/raystore.py)
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert cfg.store_root.startswith("raystore://")
+    path = cfg.store_root.removeprefix("raystore://")
+    assert any(path.startswith(m["mountPath"]) for m in head["volumeMounts"])
+    assert not any(path.startswith(m["mountPath"]) for m in container["volumeMounts"])
+    # model replicas autoscaled (no fixed num_replicas beside it), routed by affinity; the ingress on the head
+    assert cfg.autoscaling is not None and cfg.request_router == "affinity"
+    assert "ModelServer" not in {d.name for d in app.deployments}
+    assert "node:__internal_head__" in cfg.ingress_resources and cluster["enableInTreeAutoscaling"] is True
 
 
 def test_grafana_dashboard_shows_every_app_metric_from_either_source_and_prometheus_scrapes_app_and_nodes():
