@@ -431,7 +431,9 @@ class ModelServer:
         """`ref` (`name` or `name@N`) as its entry in list_adapters, a pinned version with its own task and labels
         (its loaded head, else as the store recorded them); {"error", "code"} when nothing answers to it."""
         name, version = parse_ref(ref)
-        entry = next((e for e in await self.list_adapters() if e["name"] == name), None)
+        entry = await self.registrations.lookup(self.registry.listing_entry, name)
+        if entry is not None:
+            entry = await self._finish_entry(entry)
         if entry is None or (version is not None and version not in entry["versions"]):
             return row_error("model_not_found", await self.registrations.lookup(self.registry.unknown_message, ref))
         if version is None or version == entry["version"]:
@@ -457,17 +459,20 @@ class ModelServer:
         store's versions that cannot be read are skipped and reported (also polyhead_broken_adapter_versions)."""
         entries, broken = await asyncio.to_thread(self.registry.listing)
         self.metrics.broken_versions.set(len(broken))
-        out = []
-        for entry in entries:
-            key = entry.pop("key")
-            loaded = self._heads.get(key)
-            if loaded is not None:
-                entry.update(task=loaded.task, labels=list(loaded.labels) if loaded.labels else entry["labels"])
-            elif entry["version"] is None:
-                entry.update(await self._describe_static(key, entry))
-            out.append(dict(entry, loaded=loaded is not None))
+        out = [await self._finish_entry(entry) for entry in entries]
         return {"data": out, "broken": [{"id": b.ref, "name": b.name, "version": b.version, "error": b.error}
                                         for b in broken]}
+
+    async def _finish_entry(self, entry: dict) -> dict:
+        """A Registry listing entry as list_adapters answers it: the task and labels of its loaded head, else
+        (a static entry) of its folder, and whether it is loaded here."""
+        key = entry.pop("key")
+        loaded = self._heads.get(key)
+        if loaded is not None:
+            entry.update(task=loaded.task, labels=list(loaded.labels) if loaded.labels else entry["labels"])
+        elif entry["version"] is None:
+            entry.update(await self._describe_static(key, entry))
+        return dict(entry, loaded=loaded is not None)
 
     async def _describe_static(self, key: str, entry: dict) -> dict:
         """{"task", "labels"} of a static adapter that is not loaded, read once from its folder (validated as a

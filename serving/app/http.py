@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store import AdapterStore
 from serving.experiments.shadow import cosine, entity_f1, label_agreement
 
 from ..sentence import unit_length
@@ -41,6 +42,7 @@ from .gate import ADMISSION_HEADER, GATED_HEADER, OVERLOADED, admission_header
 from .heaptrim import HeapTrim
 from .hub import MetricsPusher
 from .metrics import INGRESS_SERIES, Recorder, adapter_label, polyhead_version
+from .model_list import ModelEntries, ModelEntriesCache, model_page, page_params, store_token
 from .openapi import unknown_route_message
 from .router import RouterMetrics, routing_key
 from .routing import UnknownModel, resolve_model
@@ -140,6 +142,7 @@ class Ingress(AdapterRoutes, ExperimentRoutes):  # + admin routes: adapter_route
     stopping = False  # `polyhead serve` stops (stop_accepting): requests answer 503 draining
     in_flight = 0  # requests in _serve's handlers now
     heap_trim = None  # freed heap memory back to the OS now and then (serving/app/heaptrim.py)
+    model_entries: ModelEntriesCache | None = None  # GET /v1/models's adapter entries (_model_entries)
 
     def __init__(self, model, config: dict):
         self.cfg = ServeConfig(**config)
@@ -471,9 +474,33 @@ class Ingress(AdapterRoutes, ExperimentRoutes):  # + admin routes: adapter_route
         return await self._serve("models", request, self._list_models)
 
     async def _list_models(self, request: Request):
+        limit, after = page_params(request.query_params)  # before any work: a bad one is a 422
+        entries = await self._model_entries().get()
+        return JSONResponse(model_page(entries, await self._experiment_models(), limit, after))
+
+    def _model_entries(self) -> ModelEntriesCache:
+        if self.model_entries is None:
+            store = AdapterStore(self.cfg.store_root)  # the model replicas' (ServeConfig resolves the default)
+            self.model_entries = ModelEntriesCache(lambda: asyncio.to_thread(store_token, store),
+                                                   self._list_model_entries)
+        return self.model_entries
+
+    async def _list_model_entries(self) -> ModelEntries:
         listing = await self.model.adapter_listing.remote()  # "broken": store versions that cannot be read
-        data = self._model_objects(listing["data"]) + await self._experiment_models()
-        return JSONResponse({"object": "list", "data": data, "broken": listing["broken"]})
+        data = self._model_objects(listing["data"])
+        return ModelEntries(data, {e["id"]: i for i, e in enumerate(data)}, listing["broken"])
+
+    async def _listed_entry(self, ref: str) -> dict | None:
+        """`ref`'s entry in the kept listing (`name`, or `name@N` of its latest version); None where it has none."""
+        name, _, version = ref.partition("@")
+        entries = await self._model_entries().get()
+        at = entries.index.get(name)
+        if at is None:
+            return None
+        entry = entries.data[at]
+        if not version:
+            return entry
+        return dict(entry, id=ref) if str(entry.get("version")) == version else None
 
     def _model_objects(self, adapters: list[dict]) -> list[dict]:
         data = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "polyhead"}]
@@ -497,6 +524,9 @@ class Ingress(AdapterRoutes, ExperimentRoutes):  # + admin routes: adapter_route
             experiment = await self._experiment_model(ref)
             if experiment is not None:
                 return JSONResponse(experiment)
+            listed = await self._listed_entry(ref)  # O(1) while the store is unchanged; describe_adapter lists all
+            if listed is not None:
+                return JSONResponse(listed)
             entry = await self.model.describe_adapter.remote(ref)  # a pinned version's own task and labels
             if entry.get("error"):
                 raise ApiError(404, entry["error"], "model_not_found", adapter="unknown")

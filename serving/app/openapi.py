@@ -77,7 +77,11 @@ class BrokenVersion(BaseModel):
 
 class ModelList(BaseModel):
     object: Literal["list"]
-    data: list[ModelObject]
+    data: list[ModelObject] = Field(description="at most `limit` models: the base first, then the adapters by "
+                                                "name, then the experiments by name")
+    first_id: str | None = Field(description="the id of the first model of data; null: data is empty")
+    last_id: str | None = Field(description="the id of the last model of data: `after` of the next page")
+    has_more: bool = Field(description="whether models follow this page")
     broken: list[BrokenVersion] = Field([], description="store versions skipped because they cannot be read")
 
 
@@ -274,6 +278,7 @@ class Operation:
     status: int | tuple[int, ...] = 200  # (200, 201): an update or a creation
     auth: str = "api"  # "admin": the admin key; "api": one of api_keys where configured; "none": open
     experiments: bool = False  # `model` may name an experiment: its request and answer headers
+    query: tuple[dict, ...] = ()  # its query parameters (read by http.py itself, as the bodies are)
 
     @property
     def statuses(self) -> tuple[int, ...]:
@@ -292,17 +297,26 @@ ERROR_WHY = {400: "malformed JSON or not Unicode text",
              410: "feedback for an id issued more than feedback_ttl_s ago: not counted",
              408: "the request body did not arrive within body_timeout_s (front gate)",
              413: "body, items, models or tokens over a limit", 415: "a compressed body (Content-Encoding)",
-             422: "an invalid field, or the wrong task for that adapter; experiments: an invalid definition, an "
-                  "unknown adapter, arms of different tasks or bases, an unknown arm (X-Polyhead-Arm)",
+             422: "an invalid field or query parameter, or the wrong task for that adapter; experiments: an "
+                  "invalid definition, an unknown adapter, arms of different tasks or bases, an unknown arm "
+                  "(X-Polyhead-Arm)",
              429: "overloaded: retry after Retry-After seconds",
              503: "not ready, draining or unavailable: retry after Retry-After seconds"}
 _INFER = (400, 401, 404, 408, 413, 415, 422, 429, 503)
+MODELS_LIMIT = 1000  # the default and largest page of GET /v1/models (http.py pages with it)
+MODEL_PAGE = (
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": MODELS_LIMIT, "default": MODELS_LIMIT},
+     "description": "the most models in one page (OpenAI's cursor lists); without it, the first "
+                    f"{MODELS_LIMIT}: every model of a server with fewer"},
+    {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "the id after which the page starts: the previous page's last_id (422 when no model has it)"})
 _EXPERIMENT = "/v1/experiments/{name}"
 OPERATIONS = {  # (method, path as FastAPI formats it) -> what it takes and answers
     ("get", "/health"): Operation(Status, (), auth="none"),
     ("get", "/ready"): Operation(Status, (503,), auth="none"),
     ("get", "/metrics"): Operation("text/plain", (503,), auth="none"),
-    ("get", "/v1/models"): Operation(ModelList, (401, 503)),
+    ("get", "/v1/models"): Operation(ModelList, (401, 422, 503), query=MODEL_PAGE),
     ("get", "/v1/models/{model}"): Operation(ModelObject, (401, 404, 503)),
     ("post", "/v1/classify"): Operation(ClassifyResponse, _INFER, "ClassifyBody", experiments=True),
     ("post", "/v1/tag"): Operation(TagResponse, _INFER, "TagBody", experiments=True),
@@ -374,6 +388,8 @@ def build_schema(app: FastAPI) -> dict:
             error = {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
             operation["responses"] = {str(s): {"description": "OK" if s == 200 else "Created", "content": answer}
                                       for s in op.statuses}
+            if op.query:
+                operation["parameters"] = operation.get("parameters", []) + list(op.query)
             if op.experiments:
                 operation["parameters"] = operation.get("parameters", []) + EXPERIMENT_PARAMETERS
                 operation["responses"]["200"]["headers"] = EXPERIMENT_HEADERS

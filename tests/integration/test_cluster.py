@@ -158,7 +158,9 @@ def test_repeat_requests_for_an_adapter_reach_its_home(cluster):
             r = _classify(c, ADAPTERS[i % len(ADAPTERS)])
             assert r.status_code == 200, r.text
         after = _metrics_when(cluster, lambda m: total(m, "polyhead_affinity_routed_total")
-                              >= total(before, "polyhead_affinity_routed_total") + 48)
+                              >= total(before, "polyhead_affinity_routed_total") + 48
+                              and sum(_per_replica(m, "polyhead_replica_adapter_rows").values())
+                              >= sum(_per_replica(before, "polyhead_replica_adapter_rows").values()) + 48)
 
     def routed(m, outcome):
         return total(m, "polyhead_affinity_routed_total", outcome=outcome)
