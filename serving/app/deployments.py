@@ -120,9 +120,8 @@ class ModelServer:
         self.metrics = Recorder(MODEL_SERIES)
         self._engine_counts: dict[str, int] = {}  # engine counters already added to the metrics
         self._record_engine(self._engine_thread.submit(self.engine.stats).result())
-        self.metrics.replica_rows.set(0)
-        self.metrics.replica_adapter_rows.set(0)
-        self.metrics.replica_adapter_loads.set(0)
+        self.metrics.collectors.append(self._record_counts)  # per push, not per row
+        self._record_counts(self.metrics)
         self.pusher = MetricsPusher.in_replica(self.metrics, cfg.metrics_push_s)
         # versions removed through another replica or the CLI leave this engine too (serving/app/convergence.py)
         self.watch = StoreWatch(store, cfg.store_ttl_s, self.converge, self.registrations.lookup)
@@ -204,10 +203,7 @@ class ModelServer:
         generation = loaded.generation if loaded is not None else 0
         self._inflight[key] = self._inflight.get(key, 0) + 1  # no await since the checks above: atomic
         self.rows += 1
-        self.metrics.replica_rows.set(self.rows)
-        if key is not None:
-            self.adapter_rows += 1
-            self.metrics.replica_adapter_rows.set(self.adapter_rows)
+        self.adapter_rows += key is not None
         try:
             if self._computing:  # continuous batching: wait for the running batch, then join the next one
                 await self._engine_free.wait()
@@ -301,6 +297,13 @@ class ModelServer:
         m.registered_adapters.set(stats["registered"])
         m.slot_bytes.set(stats["slot_bytes"])
 
+    def _record_counts(self, metrics) -> None:
+        """This replica's row and load counts into its per-replica gauges (a Recorder collector: run before
+        each metrics push)."""
+        metrics.replica_rows.set(self.rows)
+        metrics.replica_adapter_rows.set(self.adapter_rows)
+        metrics.replica_adapter_loads.set(self.loads)
+
     # adapters -----------------------------------------------------------------------------
 
     def _lock(self, key: str):
@@ -334,7 +337,6 @@ class ModelServer:
         self._loaded[found.key] = found
         self.loads += 1
         self.metrics.adapter_loads.inc()
-        self.metrics.replica_adapter_loads.set(self.loads)
         self.metrics.adapter_load_seconds.observe(load_s)
         self._record_engine(await self._on_engine(self.engine.stats))
         return load_s
