@@ -104,6 +104,27 @@ def test_the_catalog_follows_the_store(tmp_path):
     asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
+def test_a_store_read_begun_before_a_local_change_never_undoes_it(tmp_path):
+    """The catalog's poll read the store, the admin route wrote and applied an experiment, then the poll applied
+    its older read: the experiment vanished from the replica (and an adapter was registered under its name)."""
+    store = ExperimentStore(str(tmp_path))
+    reads = []
+
+    async def slow_lookup(fn, *args):
+        if fn == store.all:
+            reads.append(1)
+            if len(reads) == 1:  # the first read is slow: the change is written and applied while it runs
+                found = fn(*args)
+                assert "exp" not in found[0]
+                catalog.put(store.write(next_version("exp", _body(1), None, task=None, base="b")), "exp")
+                return found
+        return fn(*args)
+
+    catalog = ExperimentCatalog(store, lookup=slow_lookup)
+    asyncio.run(catalog.refresh())
+    assert "exp" in catalog and len(reads) == 2  # the stale read was dropped and made again
+
+
 @pytest.mark.parametrize("body,match", [
     (_body(0, 0), "sum to 0"),
     (ExperimentBody(arms=[{"name": "a", "adapter": "x", "weight": 1}, {"name": "a", "adapter": "y", "weight": 1}]),

@@ -84,6 +84,7 @@ def page_params(query) -> tuple[int, str | None]:
 def model_page(entries: ModelEntries, extra: list[dict], limit: int, after: str | None) -> dict:
     """OpenAI's cursor list over entries.data + extra (the experiments): the `limit` models after the one whose id
     is `after` (from the first without it), with first_id, last_id and has_more; 422 for an `after` not listed."""
+    extra = [e for e in extra if e["id"] not in entries.index]  # ids are unique: a cursor names one place
     data = entries.data + extra
     start = 0
     if after is not None:

@@ -45,6 +45,7 @@ class ExperimentCatalog:
         self._task: asyncio.Task | None = None
         self._seen = None
         self._listeners = []  # fn(old: dict, new: dict) after each reload
+        self._puts = 0  # changes this replica applied (put): a store read begun before one must not undo it
 
     def on_change(self, fn) -> None:
         self._listeners.append(fn)
@@ -71,6 +72,7 @@ class ExperimentCatalog:
 
     def put(self, experiment: Experiment | None, name: str) -> None:
         """A change this replica just wrote: applied here at once (None: deleted)."""
+        self._puts += 1
         new = dict(self.experiments)
         if experiment is None:
             new.pop(name, None)
@@ -79,10 +81,19 @@ class ExperimentCatalog:
         self._apply(new)
 
     async def refresh(self) -> None:
-        token = await self.lookup(self.store.change_token)
-        found, broken = await self.lookup(self.store.all)
-        self._seen, self.broken, self.loaded = token, broken, True
-        self._apply(found)
+        """Read every experiment from the store. A read during which this replica put a change may have missed it
+        (the poll read the store, the admin route wrote and applied the change, the poll applied its older read:
+        an experiment PUT a moment before was gone, and an adapter was then registered under its name): such a
+        read is dropped and made again."""
+        for _ in range(3):
+            puts = self._puts
+            token = await self.lookup(self.store.change_token)
+            found, broken = await self.lookup(self.store.all)
+            if self._puts == puts:
+                self._seen, self.broken, self.loaded = token, broken, True
+                self._apply(found)
+                return
+        self._seen = None  # still changing here: the next poll reads again
 
     def _apply(self, new: dict[str, Experiment]) -> None:
         old, self.experiments = self.experiments, new

@@ -30,7 +30,7 @@ KEY = {"Authorization": f"Bearer {ADMIN_KEY}"}
 def _walk(client, limit: int) -> list[dict]:
     """Every page of `limit` models, from the first, each checked against its cursor fields."""
     pages, after = [], None
-    while True:
+    for _ in range(len(_ids(client)) + 2):  # a cursor that went back would loop: fail instead
         params = {"limit": limit} | ({"after": after} if after else {})
         r = client.get("/v1/models", params=params)
         assert r.status_code == 200, r.text
@@ -42,6 +42,7 @@ def _walk(client, limit: int) -> list[dict]:
             return pages
         assert len(ids) == limit
         after = page["last_id"]
+    raise AssertionError(f"the pages of {limit} never ended: {[p['last_id'] for p in pages][:20]}")
 
 
 def _ids(client) -> list[str]:
