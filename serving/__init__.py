@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["Engine", "Request", "Result", "RequestError"]
-_WHERE = {"Engine": ".engine", "Request": ".engine", "Result": ".engine", "RequestError": ".errors"}
+__all__ = ["Engine", "Request", "Result", "RequestError", "SamplingParams", "GenerationResult"]
+_WHERE = {"Engine": ".engine", "Request": ".engine", "Result": ".engine", "RequestError": ".errors",
+          "SamplingParams": ".generation.sampling", "GenerationResult": ".generation.generator"}
 
 
 def __getattr__(name: str):

@@ -5,6 +5,8 @@ rows of prefix-tuned adapters (one contiguous range at the end of the sorted bat
 BatchPlan groups) see their own prefix keys/values before the input's, with the mask extended
 per row (a row with a shorter prefix masks the rest). A mask function is registered too
 (transformers' sdpa_mask): an attention function registered alone would get mask=None on BERT.
+During a generation step (serving/generation/paged.py) every layer attends over the paged KV
+cache instead, and no mask is built (the step's own index tensors say who sees what).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .generation import paged
 
 NAME = "polyhead"
 _registered = False
@@ -23,7 +27,7 @@ def install(model: nn.Module, state) -> None:
     global _registered
     if not _registered:
         AttentionInterface.register(NAME, _attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+        AttentionMaskInterface.register(NAME, _mask)
         _registered = True
     for module in model.modules():
         if hasattr(module, "layer_idx") and "Attention" in type(module).__name__:
@@ -31,9 +35,17 @@ def install(model: nn.Module, state) -> None:
     model.set_attn_implementation(NAME)
 
 
+def _mask(*args, **kwargs):
+    """sdpa_mask, except in a generation step: its attention needs no [N, N] mask over the flat tokens."""
+    return None if paged.current() is not None else sdpa_mask(*args, **kwargs)
+
+
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs):
     """query: [B, heads, T, d]; key/value: [B, kv_heads, T, d]; mask: bool [B, 1, T, T] or None."""
+    step = paged.current()
+    if step is not None:
+        return paged.attend(module, query, key, value, step, kwargs.get("scaling")), None
     state = getattr(module, "_polyhead_state", None)
     rows = state.prefix_rows if state is not None else None
     if rows is None:

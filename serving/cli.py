@@ -1,4 +1,5 @@
-"""`polyhead` command line: `serve`, `adapters add|list|rm`, `experiments create|list|show|ramp|rm`, `bench`."""
+"""`polyhead` command line: `serve`, `adapters add|list|rm`, `experiments create|list|show|ramp|rm`,
+`bases list|prepare`, `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--address", default=None, help="deploy onto this running Ray cluster (auto, ray://host:10001, "
                        "host:6379) instead of starting Ray here")
     _add_adapters_parser(sub)
+    _add_bases_parser(sub)
     from .experiments import cli as experiments_cli  # _OneLineParser passed in: no import cycle
 
     experiments_cli.add_parser(sub, _OneLineParser)
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"polyhead adapters {args.action}: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
             return 1
         return adapters_command(args)
+    if args.command == "bases":
+        if rest:
+            print(f"polyhead bases {args.action}: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
+            return 1
+        return bases_command(args)
     if args.command == "experiments":
         if rest:
             print(f"polyhead experiments {args.action}: error: unrecognized arguments: {' '.join(rest)}",
@@ -156,6 +163,42 @@ def _run_adapters(args) -> int:
         name, version = parse_ref(args.ref)
         for removed in store.remove(name, version):
             print(f"removed {removed.ref}")
+    return 0
+
+
+def _add_bases_parser(sub) -> None:
+    bases = sub.add_parser("bases", help="list or prepare base models converted once from a wheel's GGUF file "
+                           "(under $POLYHEAD_CACHE, else $XDG_CACHE_HOME/polyhead or ~/.cache/polyhead)")
+    actions = bases.add_subparsers(dest="action", required=True, parser_class=_OneLineParser)
+    actions.add_parser("list", help="the known bases, whether each is converted, and its folder")
+    prepare = actions.add_parser("prepare", help="convert NAME unless it is converted; prints its folder last")
+    prepare.add_argument("name", metavar="NAME")
+    prepare.add_argument("--force", action="store_true", help="convert again even when converted")
+
+
+def bases_command(args) -> int:
+    from .bases import KNOWN_BASES, BaseModelError, base_dir, converted, ensure_base
+
+    try:
+        if args.action == "list":
+            rows = []
+            for name, known in KNOWN_BASES.items():
+                try:
+                    state = "yes" if converted(name) else "no"
+                except BaseModelError:
+                    state = f"no ({known.pip_name} not installed)"
+                rows.append((name, state, str(base_dir(name)), known.description))
+            header = ("BASE", "CONVERTED", "PATH", "DESCRIPTION")
+            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+            for row in [header, *rows]:
+                print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        else:
+            if args.force or converted(args.name) is None:
+                print(f"converting {args.name} (about half a minute)...", file=sys.stderr, flush=True)
+            print(ensure_base(args.name, force=args.force))
+    except (BaseModelError, OSError) as exc:
+        print(f"polyhead bases {args.action}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

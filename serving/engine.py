@@ -27,6 +27,7 @@ from . import attention, kernels
 from .batch import BatchPlan
 from .bottleneck import Configs, attach_bottleneck
 from .errors import RequestError
+from .generation.sampling import SamplingParams
 from .heads import head_logits, pool
 from .layers import GROUP_IA3, GROUP_PLAIN, GROUP_PREFIX, GROUP_PROMPT, ForwardState, attach_linear
 from .sentence import SentencePipeline, read_sentence_pipeline
@@ -61,7 +62,8 @@ class Request:
     adapter: str | None = None
     input_ids: Sequence[int] | None = None
     text: str | None = None
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # generate() only
+    sampling: SamplingParams | None = None  # generate() only: greedy when None
 
 
 @dataclass
@@ -92,7 +94,8 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, causal: bool, device: torch.device, dtype: torch.dtype,
                  max_slots: int = 64, max_rank: int = 64, max_tokens: int | None = None,
                  max_batch_tokens: int = 32768, max_virtual_tokens: int = 128, max_bottleneck: int = 256,
-                 kernel: str | None = None, limits: FileLimits = FileLimits()):
+                 kernel: str | None = None, limits: FileLimits = FileLimits(), kv_tokens: int = 8192,
+                 kv_block_size: int = 16, max_step_tokens: int = 512, max_running: int = 256):
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         if max_virtual_tokens < 1 or max_bottleneck < 1:
@@ -127,6 +130,10 @@ class Engine:
         self.forwards = 0
         self.body_rows = 0  # rows the body ran for (multi-task rows sharing a body count once)
         self.sentence = SentencePipeline()  # what /v1/embeddings serves on `embedding` (from_pretrained reads it)
+        # generation (causal bases): the KV budget in tokens and the step loop's limits; made on first use
+        self._generation = dict(kv_tokens=kv_tokens, block_size=kv_block_size, max_step_tokens=max_step_tokens,
+                                max_running=max_running)
+        self._generator = None
 
     @classmethod
     def from_pretrained(cls, base_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -256,6 +263,34 @@ class Engine:
         if spec.bottleneck:
             return self._configs.group(next(iter(spec.bottleneck.values())))
         return GROUP_IA3 if spec.ia3 else GROUP_PLAIN
+
+    # generation ---------------------------------------------------------------------------
+
+    def generator(self):
+        """This engine's generation loop (serving/generation/generator.py), made on first use."""
+        from .generation.generator import Generator
+
+        with self._lock:
+            if self._generator is None:
+                self._generator = Generator(self, **self._generation)
+            return self._generator
+
+    def generate(self, requests: Sequence[Request]):
+        """Generate for every request (continuous batching); one GenerationResult per request, in order.
+        A request that cannot run is its row's `error`; the others run."""
+        if not self.causal:
+            from .generation.generator import GenerationResult
+
+            return [GenerationResult(error=self._cannot_generate(r.adapter), error_code="invalid_input")
+                    for r in requests]
+        return self.generator().generate(requests)
+
+    def _cannot_generate(self, name) -> str:
+        spec = self._specs.get(name) if isinstance(name, str) else None
+        if spec is not None and spec.head is not None:
+            return (f"adapter {name!r} is a {spec.head.task} adapter on an encoder base (it classifies, tags or "
+                    "embeds): it cannot generate text")
+        return "this base model is not a causal language model: it cannot generate text"
 
     # inference ----------------------------------------------------------------------------
 

@@ -286,6 +286,7 @@ class SlotPool:
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._free = list(range(max_slots - 1, -1, -1))
         self._pins: Counter[int] = Counter()
+        self._orphans: set[int] = set()  # dropped while pinned: not resident, not free yet
         self.loads = 0
         self.evictions = 0
 
@@ -326,11 +327,19 @@ class SlotPool:
             self._pins[slot] -= 1
             if self._pins[slot] <= 0:
                 del self._pins[slot]
+                if slot in self._orphans:  # dropped while pinned: free now
+                    self._orphans.discard(slot)
+                    self._free.append(slot)
 
     def drop(self, name: str) -> None:
-        """Forget a resident adapter (its slot becomes free). Callers hold the engine lock."""
+        """Forget a resident adapter (its slot becomes free). Callers hold the engine lock.
+        A slot still pinned (a generating sequence runs on it) is freed when its last pin goes."""
         slot = self._resident.pop(name, None)
-        if slot is not None:
+        if slot is None:
+            return
+        if self._pins[slot] > 0:
+            self._orphans.add(slot)
+        else:
             self._free.append(slot)
 
     def _take_free_slot(self) -> int:

