@@ -230,3 +230,36 @@ def test_an_adapter_replaced_mid_sequence_keeps_serving_the_running_one(folders,
     assert seq.output == want and seq.error is None
     after = eng.generate([request])[0].token_ids
     assert after == eng.generate([Request(adapter="lora1", input_ids=PROMPTS[3], max_new_tokens=16)])[0].token_ids
+
+
+def test_add_and_abort_from_other_threads_while_the_loop_steps(folders):
+    """The server's shape: one thread steps, others add and abort; adds never wait for a forward, an abort lands
+    at the end of the step in flight at the latest, and the other sequences produce what they produce alone."""
+    import threading
+    import time
+
+    eng = engine(folders)
+    requests = mixed_requests(n=6, new=12)
+    want = alone(eng, requests)
+    gen = eng.generator()
+    victim = gen.add(Request(input_ids=PROMPTS[7], max_new_tokens=200))
+    seqs, stop = [], threading.Event()
+
+    def loop():
+        while not stop.is_set() or gen.has_work():
+            gen.step()
+
+    stepper = threading.Thread(target=loop)
+    stepper.start()
+    for r in requests:
+        seqs.append(gen.add(r))
+        time.sleep(0.005)
+    while len(victim.output) < 3:
+        time.sleep(0.001)
+    assert gen.abort(victim.id)
+    stop.set()
+    stepper.join(timeout=120)
+    assert not stepper.is_alive()
+    assert [s.output for s in seqs] == want
+    assert victim.finish_reason == "abort" and len(victim.output) < 200
+    assert gen.cache.used_blocks == 0 and gen.stats()["running"] == 0

@@ -166,7 +166,9 @@ def draw(row: torch.Tensor, sampler: Sampler) -> torch.Tensor:
         before[0] = 0  # every token whose `before` is under top_p, the best always
         probs = probs.masked_fill(before >= p.top_p, 0)
     cdf = probs.cumsum(-1)
-    j = torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True).clamp_(max=cdf.numel() - 1)  # [1]
+    j = torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True)  # [1]: the first cdf over u * mass
+    last = cdf.numel() - 1 - torch.argmax((probs.flip(0) > 0).to(torch.uint8))  # where u * mass rounds to the mass
+    j = torch.minimum(j, last)  # the last kept token, never one with no probability
     return j if order is None else order[j]
 
 
