@@ -82,7 +82,8 @@ def test_kv_pressure_preempts_and_every_sequence_produces_the_same_tokens(folder
     assert peak == gen.cache.num_blocks
     assert (gen.cache.keys.data_ptr(), gen.cache.keys.numel()) == (keys_ptr, keys_numel)  # never grew
     assert gen.cache.used_blocks == 0 and gen.cache.free_blocks == gen.cache.num_blocks
-    assert gen.cache.nbytes() == 2 * 2 * 96 * 2 * 16 * 4  # layers * tokens * kv_heads * head_dim * fp32, K and V
+    # K and V: layers * (tokens + the zero padding block) * kv_heads * head_dim * fp32
+    assert gen.cache.nbytes() == 2 * 2 * (96 + 16) * 2 * 16 * 4 and gen.cache.bytes_per_token() == 2 * 2 * 2 * 16 * 4
 
 
 def test_abort_frees_the_cache_at_once_and_the_others_finish_unchanged(folders):
@@ -263,3 +264,22 @@ def test_add_and_abort_from_other_threads_while_the_loop_steps(folders):
     assert [s.output for s in seqs] == want
     assert victim.finish_reason == "abort" and len(victim.output) < 200
     assert gen.cache.used_blocks == 0 and gen.stats()["running"] == 0
+
+
+def test_an_adapter_whose_weights_overflow_is_a_row_error_beside_good_rows(folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    eng = engine(folders)
+    bad = make_lora(tmp_path / "overflow", eng.schema, seed=5, r=4, targets=("v_proj",))
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in weights if "layers.1.self_attn.v_proj.lora_B" in k)
+    weights[key][0, 0] = 1e38
+    weights[key][1, 0] = -1e38
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    eng.load_adapter("overflow", bad)
+    good = Request(adapter="lora2", input_ids=PROMPTS[5], max_new_tokens=6)
+    [want] = eng.generate([good])
+    res = eng.generate([Request(adapter="overflow", input_ids=PROMPTS[5], max_new_tokens=6), good])
+    assert res[0].error_code == "non_finite" and "overflow" in res[0].error and res[0].token_ids == []
+    assert res[1].error is None and res[1].token_ids == want.token_ids
+    assert eng.generator().cache.used_blocks == 0

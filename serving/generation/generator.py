@@ -177,10 +177,13 @@ class Generator:
             for w in works:
                 w.seq.computed = w.stop
             sampling = [w.seq for w in works if w.samples]
-            bad = ~torch.isfinite(logits).all(dim=1) if len(sampling) else None
-            picks = sample(torch.nan_to_num(logits), [s.sampler for s in sampling]) if sampling else []
+            bad = set()  # rows with NaN/Inf logits (an adapter whose weights overflow): errors, never sampled
+            if sampling and not bool(torch.isfinite(logits.sum(dim=1)).all()):
+                bad = set(torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten().tolist())
+                logits = torch.nan_to_num(logits)
+            picks = sample(logits, [s.sampler for s in sampling]) if sampling else []
             for i, (seq, pick) in enumerate(zip(sampling, picks)):
-                if bool(bad[i]):
+                if i in bad:
                     updates.append(self._fail(seq))
                     continue
                 updates.append(self._advance(seq, pick))

@@ -3,6 +3,11 @@
 A sequence owns a list of blocks (its block table); its token at cache position p lives at row
 `blocks[p // block_size] * block_size + p % block_size` of every layer's tensors. The budget is
 fixed when the cache is made and never grows: the scheduler waits or preempts when blocks run out.
+
+Attention reads some positions it masks out (the padding of shorter block tables, the unwritten end of
+a sequence's last block); a masked NaN would still poison the output (0 x NaN), so those must hold
+finite values: padding reads `pad_block`, an extra block that stays zero, and freed blocks are zeroed
+(a sequence whose adapter overflowed leaves NaN behind).
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ class KVCache:
             raise ValueError(f"the KV cache needs at least one block: {num_tokens} tokens, block size {block_size}")
         self.block_size = block_size
         self.num_blocks = num_tokens // block_size
-        rows = self.num_blocks * block_size
+        self.pad_block = self.num_blocks  # never handed out, always zero
+        rows = (self.num_blocks + 1) * block_size
         # [layers, rows, kv_heads, head_dim]: one token's keys (or values) of one layer are one row
         self.keys = torch.zeros(num_layers, rows, kv_heads, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
@@ -38,7 +44,7 @@ class KVCache:
         return 2 * self.keys.numel() * self.keys.element_size()
 
     def bytes_per_token(self) -> int:
-        return self.nbytes() // self.num_tokens
+        return 2 * self.keys[:, 0].numel() * self.keys.element_size()
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -50,6 +56,10 @@ class KVCache:
         return [self._free.pop() for _ in range(n)]
 
     def free(self, blocks: list[int]) -> None:
+        if blocks:
+            index = torch.tensor(blocks, device=self.keys.device)
+            for t in (self.keys, self.values):
+                t.view(t.shape[0], -1, self.block_size, *t.shape[2:]).index_fill_(1, index, 0)
         self._free.extend(reversed(blocks))
         blocks.clear()
 

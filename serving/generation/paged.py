@@ -81,7 +81,8 @@ class PagedStep:
         length = 0
         if decode:
             n_blocks = max(len(c.blocks) for c in decode)
-            table = torch.tensor([list(c.blocks) + [0] * (n_blocks - len(c.blocks)) for c in decode],
+            pad = [cache.pad_block] * n_blocks
+            table = torch.tensor([list(c.blocks) + pad[len(c.blocks):] for c in decode],
                                  dtype=torch.long, device=device)  # [Bd, n_blocks]
             length = n_blocks * bs
             d_rows = ((table * bs).unsqueeze(2) + torch.arange(bs, device=device)).view(-1)
