@@ -56,7 +56,7 @@ class PagedStep:
     write_rows: torch.Tensor  # [N] cache row of each new token
     decode_tokens: torch.Tensor | None  # [Bd] flat index of each decode row's token
     decode_rows: torch.Tensor | None  # [Bd * L] cache rows each decode row attends to (padded)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] which of them are real
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] which of them are real; None when all are
     decode_len: int
     prefills: list[tuple[Chunk, torch.Tensor | None, torch.Tensor | None]]  # chunk, context rows, mask
 
@@ -80,14 +80,17 @@ class PagedStep:
         d_tokens = d_rows = d_mask = None
         length = 0
         if decode:
-            n_blocks = max(len(c.blocks) for c in decode)
+            seen = [c.start + 1 for c in decode]  # positions each decode row attends to
+            length = max(seen)
+            n_blocks = -(-length // bs)
             pad = [cache.pad_block] * n_blocks
-            table = torch.tensor([list(c.blocks) + pad[len(c.blocks):] for c in decode],
+            table = torch.tensor([list(c.blocks[:n_blocks]) + pad[len(c.blocks):] for c in decode],
                                  dtype=torch.long, device=device)  # [Bd, n_blocks]
-            length = n_blocks * bs
-            d_rows = ((table * bs).unsqueeze(2) + torch.arange(bs, device=device)).view(-1)
-            seen = torch.tensor([c.start + 1 for c in decode], device=device).unsqueeze(1)
-            d_mask = (torch.arange(length, device=device).unsqueeze(0) < seen).view(len(decode), 1, 1, length)
+            d_rows = ((table * bs).unsqueeze(2) + torch.arange(bs, device=device)).view(len(decode), -1)
+            d_rows = d_rows[:, :length].reshape(-1)
+            if min(seen) < length:  # rows of equal length need no mask (SDPA's faster path)
+                lens = torch.tensor(seen, device=device).unsqueeze(1)
+                d_mask = (torch.arange(length, device=device).unsqueeze(0) < lens).view(len(decode), 1, 1, length)
             d_tokens = torch.tensor([c.t0 for c in decode], dtype=torch.long, device=device)
         return cls(cache, torch.tensor(write, dtype=torch.long, device=device), d_tokens, d_rows, d_mask, length,
                    prefills)
