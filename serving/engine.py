@@ -204,9 +204,11 @@ class Engine:
             return dict(self._specs)
 
     def stats(self) -> dict:
+        generator = self._generator  # its stats outside the engine lock: a step takes its own lock, then this one
+        generation = {"generation": generator.stats()} if generator is not None else {}
         with self._lock:
             slot_bytes = self.pool.nbytes()
-            return {
+            return {**generation,
                 "max_slots": self.pool.max_slots, "registered": len(self._specs),
                 "resident": len(self.pool.resident()), "adapted_modules": len(self.pool.lora),
                 "slot_bytes": slot_bytes, "slot_bytes_per_slot": slot_bytes / self.pool.max_slots,

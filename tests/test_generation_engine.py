@@ -101,6 +101,7 @@ def test_abort_frees_the_cache_at_once_and_the_others_finish_unchanged(folders):
     assert gen.abort(victim.id)
     assert gen.cache.used_blocks == used - held, "abort did not free the sequence's blocks at once"
     assert gen.stats()["running"] == 3 and victim.finish_reason == "abort"
+    assert eng.stats()["generation"]["kv_blocks_used"] == used - held  # what the server's metrics read
     assert not gen.abort(victim.id)
     while gen.has_work():
         gen.step()
