@@ -27,17 +27,13 @@ processes took while it ran (from /proc/stat minus this process's own CPU time).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -78,104 +74,8 @@ QUICK = Sizes(rows=4, prompt=32, new=8, loop_adapters=2, rounds=1, b_new=16, req
               static_batch=8)
 
 
-# ---------------------------------------------------------------- machine
-
-
-def quiet() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-
-
-class CpuWatch:
-    """CPU share of *other* processes over an interval: machine busy time from /proc/stat minus ours."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        t = os.times()
-        return sum(v) - v[3] - v[4], t.user + t.system + t.children_user + t.children_system, time.perf_counter()
-
-    def others(self) -> float:
-        busy0, mine0, t0 = self.start
-        busy1, mine1, t1 = self._sample()
-        busy_s = (busy1 - busy0) / os.sysconf("SC_CLK_TCK")
-        return max(0.0, (busy_s - (mine1 - mine0)) / ((t1 - t0) * (os.cpu_count() or 1)))
-
-
-def wait_for_quiet(max_wait: float, share: float = 0.25) -> float:
-    """Wait (at most max_wait s) until other processes take under `share` of the CPU over 2 s; seconds waited."""
-    t0 = time.perf_counter()
-    while True:
-        watch = CpuWatch()
-        time.sleep(2.0)
-        if watch.others() < share or time.perf_counter() - t0 >= max_wait:
-            return time.perf_counter() - t0
-
-
-def quietest(fn, wait: float, rerun_share: float = 0.25):
-    """fn() after waiting for quiet; once more when other processes took over `rerun_share` of the CPU while it
-    ran. Returns (the quieter try's result, its others' share, every try's share)."""
-    tries = []
-    for _ in range(2):
-        wait_for_quiet(wait)
-        gc.collect()
-        watch = CpuWatch()
-        out = fn()
-        tries.append((watch.others(), out))
-        if tries[-1][0] <= rerun_share:
-            break
-        print(f"    other processes took {tries[-1][0]:.0%} of the CPU meanwhile: once more", flush=True)
-    share, out = min(tries, key=lambda t: t[0])
-    return out, share, [t[0] for t in tries]
-
-
-def machine() -> dict:
-    import peft
-    import transformers
-
-    from serving.engine import auto_dtype
-
-    flags = set()
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":")[1].split())
-            if line.startswith("model name") and not model:
-                model = line.split(":")[1].strip()
-    with open("/proc/meminfo") as f:
-        mem = int(f.readline().split()[1]) * 1024
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": model,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": mem,
-            "isa": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}),
-            "auto_dtype_cpu": auto_dtype("cpu"), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg_at_start": os.getloadavg()}
-
-
-def read_bandwidth() -> float:
-    """Bytes/s of x.sum() over a 1 GiB float32 tensor, best of 5."""
-    x = torch.ones(2**28)
-    best = min(timed(x.sum)[0] for _ in range(5))
-    return x.nbytes / best
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+from generate_machine import CpuWatch, machine, peak_rss, quiet, quietest, read_bandwidth, timed, wait_for_quiet  # noqa: E402
+from generate_report import plot, tables  # noqa: E402
 
 
 # ---------------------------------------------------------------- models, adapters, prompts
@@ -620,116 +520,6 @@ def run_child_c(sz: Sizes, adapters_dir: Path, seed: int, wait: float) -> dict:
                "--sizes", json.dumps(asdict(sz)), "--seed", str(seed), "--quiet-wait", str(wait)]
         subprocess.run(cmd, check=True)
         return json.loads(Path(f.name).read_text())
-
-
-# ---------------------------------------------------------------- report
-
-
-def f(x, spec: str = ",.1f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def tables(report: dict) -> str:
-    out = []
-    for a in report.get("a", []):
-        out += [f"### (a) {report['config']['sizes']['rows']} rows x {report['config']['sizes']['prompt']} prompt "
-                f"tokens x {report['config']['sizes']['new']} new, {a['label']}\n",
-                "| item | tokens/s | steady tokens/s | seconds | prefill s | decode step ms (median) | cut | "
-                "others' CPU |", "|---|---:|---:|---:|---:|---:|---|---:|"]
-        for name, it in a["items"].items():
-            cut = f"yes (projected {it['projected_seconds']:.0f}s)" if it["cut"] and it["projected_seconds"] else (
-                f"yes ({it['generated']} tokens)" if it["cut"] else "")
-            out.append(f"| {name} | {f(it['tokens_per_s'])} | {f(it['tokens_per_s_steady'])} | {f(it['seconds'])} | "
-                       f"{f(it['prefill_s'], '.2f')} | "
-                       f"{f(it['decode_step_ms'], '.0f')} | {cut} | {it['others_cpu_share']:.0%} |")
-        out += ["", "| ratio | value (tokens/s) | met | value (steady) | met | target |", "|---|---:|---|---:|---|---:|"]
-        for key, r in a["ratios"].items():
-            out.append(f"| {key} | {r['value']:.2f} | {'yes' if r['met'] else 'NO'} | {r['steady']:.2f} | "
-                       f"{'yes' if r['met_steady'] else 'NO'} | >= {r['target']} |")
-        il = a.get("routing_interleaved")
-        if il:
-            out.append(f"| polyhead_32_adapters / polyhead_base, {len(il['per_round'])} interleaved rounds (median; "
-                       f"{', '.join(f'{x:.2f}' for x in il['per_round'])}) | | | {il['median']:.2f} | "
-                       f"{'yes' if il['median'] >= il['target'] else 'NO'} | >= {il['target']} |")
-        out += ["", "| greedy agreement | rows identical | mean common prefix (tokens) |", "|---|---:|---:|"]
-        for key, g in a["agreement"].items():
-            out.append(f"| {key} | {g['rows_identical']}/{g['rows']} | {g['mean_common_prefix']:.1f} |")
-        out.append("")
-    if "b" in report:
-        b = report["b"]
-        out += ["### (b) batch-1 greedy decode of the base, float32\n",
-                "| | ms/token |", "|---|---:|",
-                f"| polyhead (median gen.step, decode only; others' CPU {b['others_cpu_share_polyhead']:.0%}) | "
-                f"{b['polyhead_step_ms']:.1f} |",
-                f"| transformers generate (median step; others' CPU {b['others_cpu_share_transformers']:.0%}) | "
-                f"{b['transformers_step_ms']:.1f} |",
-                f"| weight-read floor ({b['weight_bytes'] / 1e6:.0f} MB / {b['read_bandwidth_gb_s']:.1f} GB/s) | "
-                f"{b['floor_ms']:.1f} |",
-                f"| F.linear over every weight, batch 1, nothing else (torch's kernels streaming the weights) | "
-                f"{b['linear_pass_ms']:.1f} |",
-                f"| polyhead / floor (target <= {b['target']}) | {b['ratio_to_floor']:.2f} "
-                f"{'met' if b['met'] else 'NOT met'} |",
-                f"| transformers / floor | {b['transformers_ratio_to_floor']:.2f} |",
-                f"| polyhead / F.linear pass | {b['polyhead_over_linear_pass']:.2f} |", ""]
-    if "c" in report:
-        c = report["c"]
-        out += [f"### (c) {c['requests']} requests, Poisson {c['rate_per_s']}/s (last arrives at "
-                f"{c['last_arrival_s']:.0f}s), {c['prompt_tokens']:,} prompt + {c['generated_tokens']:,} generated "
-                f"tokens, {c['adapters_used']} adapters used, {c['dtype']}\n",
-                "| mode | tokens/s | TTFT p50 s | TTFT p99 s | e2e p50 s | e2e p99 s | rows/step | preemptions | "
-                "wall s | others' CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for m in c["modes"].values():
-            out.append(f"| {m['mode']} | {m['tokens_per_s']:.1f} | {m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | "
-                       f"{m['e2e_p50_s']:.1f} | {m['e2e_p99_s']:.1f} | {m['mean_sampling_rows_per_step']:.1f} | "
-                       f"{m['preemptions']} | {m['seconds']:.0f} | {m['others_cpu_share']:.0%} |")
-        out += ["", "| memory | bytes |", "|---|---:|",
-                f"| KV per token | {c['kv_bytes_per_token']:,} |",
-                f"| KV cache (a budget of {c['kv_tokens']:,} tokens) | {c['kv_bytes']:,} |",
-                f"| adapter slots | {c['slot_bytes']:,} |", f"| base weights | {c['weight_bytes']:,} |",
-                f"| peak RSS of the (c) process | {c['peak_rss_bytes']:,} ({c['peak_rss_over_weights']:.2f}x weights) |",
-                ""]
-    out += [f"Note: {n}" for n in report["notes"]]
-    return "\n".join(out) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    ax = axes[0]
-    runs = report.get("a", [])
-    names = list(runs[0]["items"]) if runs else []
-    width = 0.8 / max(1, len(runs))
-    for k, a in enumerate(runs):
-        vals = [a["items"][n]["tokens_per_s"] for n in names]
-        bars = ax.bar(np.arange(len(names)) + k * width, vals, width, label=a["label"])
-        for bar, n in zip(bars, names):
-            if a["items"][n]["cut"]:
-                ax.annotate("cut", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", fontsize=7)
-    ax.set_xticks(np.arange(len(names)) + width * (len(runs) - 1) / 2, [n.replace("_", "\n", 1) for n in names],
-                  fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("generated tokens/s")
-    ax.set_title("(a) 32 rows x 64 new tokens")
-    ax.legend(fontsize=8)
-    if "c" in report:
-        modes = list(report["c"]["modes"].values())
-        x = np.arange(len(modes))
-        for k, key in enumerate(("ttft_p50_s", "ttft_p99_s")):
-            axes[1].bar(x + k * 0.4, [m[key] for m in modes], 0.4, label=key.replace("_s", "").replace("_", " "))
-        axes[1].set_xticks(x + 0.2, [m["mode"] for m in modes])
-        axes[1].set_ylabel("seconds")
-        axes[1].set_title("(c) time to first token")
-        axes[1].legend()
-        axes[2].bar(x, [m["tokens_per_s"] for m in modes], color=["C2", "C3"])
-        axes[2].set_xticks(x, [m["mode"] for m in modes])
-        axes[2].set_ylabel("generated tokens/s")
-        axes[2].set_title(f"(c) throughput, {report['c']['requests']} requests")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 # ---------------------------------------------------------------- main
